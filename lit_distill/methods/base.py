@@ -1,0 +1,100 @@
+"""What every lit_distill LightningModule shares: optimiser building, device checks, non-finite
+losses, checkpoint identity. Methods subclass :class:`DistillModule` and stay glue."""
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Iterable, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+NanPolicy = Literal["raise", "skip"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or reward became NaN/inf; the message names the step and the tensor."""
+
+
+class DistillModule(L.LightningModule):
+    """Base of the methods.
+
+    Args:
+        lr, weight_decay, betas: AdamW hyper-parameters (fused AdamW on CUDA).
+        nan_policy: ``"raise"`` stops with the step and the tensor named when a loss or reward is not
+            finite; ``"skip"`` skips that update and counts it in the ``nonfinite_skipped`` log.
+        compile: ``torch.compile`` the trained denoiser (CUDA only; a clear error on CPU).
+        gradient_checkpointing: activation checkpointing in the trained diffusers network.
+    """
+
+    method: ClassVar[str] = "base"
+
+    def __init__(self, *, lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 nan_policy: NanPolicy = "raise", compile: bool = False, gradient_checkpointing: bool = False):
+        super().__init__()
+        if nan_policy not in ("raise", "skip"):
+            raise ValueError(f"nan_policy={nan_policy!r}: choose 'raise' or 'skip'")
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.nan_policy, self.compile_denoiser, self.gradient_checkpointing = nan_policy, compile, gradient_checkpointing
+        self.nonfinite_skipped = 0
+
+    # -- building blocks ---------------------------------------------------------------------
+    def make_optimizer(self, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError(f"{type(self).__name__} has no trainable parameters: check lora/freeze options")
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(params, lr=lr or self.lr, betas=self.betas, weight_decay=self.weight_decay, fused=fused)
+
+    def prepare_network(self, net: nn.Module) -> nn.Module:
+        """Apply gradient checkpointing / compile options to the trained diffusers network."""
+        if self.gradient_checkpointing:
+            if not hasattr(net, "enable_gradient_checkpointing"):
+                raise ValueError(f"gradient_checkpointing=True but {type(net).__name__} does not support it")
+            net.enable_gradient_checkpointing()
+        return net
+
+    def maybe_compile(self, net: nn.Module) -> None:
+        """Compile ``net``'s forward in place (``nn.Module.compile``: parameters and state-dict keys are
+        unchanged) when ``compile=True``; refuses CPU runs with a message saying what to do."""
+        if not self.compile_denoiser:
+            return
+        if self.device.type != "cuda":
+            raise ValueError("compile=True needs a CUDA device; this run is on "
+                             f"{self.device.type}. Set --model.compile false for CPU runs.")
+        net.compile()
+
+    def check_finite(self, name: str, value: Tensor) -> bool:
+        """True if ``value`` is finite. Otherwise raise (``nan_policy='raise'``) naming the step and the
+        tensor, or count and log a skip (``'skip'``) and return False so the caller skips the update."""
+        if bool(torch.isfinite(value).all()):
+            return True
+        if self.nan_policy == "raise":
+            kind = "NaN" if bool(torch.isnan(value).any()) else "inf"
+            raise NonFiniteLossError(
+                f"{type(self).__name__}: {name} is {kind} at global step {self.global_step}. Lower the learning "
+                "rate, check the reward, or set nan_policy='skip' to skip such updates.")
+        self.nonfinite_skipped += 1
+        self.log("nonfinite_skipped", float(self.nonfinite_skipped))
+        return False
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lit_distill_method"] = self.method
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        found = checkpoint.get("lit_distill_method")
+        if found != self.method:
+            raise ValueError(
+                f"checkpoint was written by method {found!r} but this run is {self.method!r} "
+                f"({type(self).__name__}); pass a checkpoint of the same method to --ckpt_path, or load "
+                "its weights into a new run explicitly (e.g. the model path of the new method).")
+        self.nonfinite_skipped = checkpoint.get("nonfinite_skipped", 0)
+
+
+def check_positive(**values: float) -> None:
+    """Raise a ValueError naming the first argument that is not > 0."""
+    for name, v in values.items():
+        if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+            raise ValueError(f"{name}={v!r} must be a positive number")

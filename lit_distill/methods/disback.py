@@ -1,0 +1,222 @@
+"""DisBack (arXiv 2408.15991): score distillation along the recorded degradation path of the teacher.
+
+Stage 0, *degradation recording*: ``fake_score`` starts as a copy of the teacher and is fine-tuned by DSM on
+samples of the initial generator g_0 (the generator is not updated in this stage, so it *is* g_0). Every
+``degradation_interval`` updates its weights are saved: checkpoints ``c_1 .. c_N`` (``N = num_checkpoints``),
+a path from the teacher ``c_0`` to (approximately) the score of g_0.
+
+Stages 1..N, *distribution backtracking*: the generator is distilled with the score-distillation gradient
+``w (s_fake - s_real) dx_t/dtheta`` where ``s_real`` walks the path back: ``c_{N-1}, ..., c_1`` and finally the
+teacher ``c_0``; ``s_fake`` continues from ``c_N`` (it already fits g_0) and is trained online by DSM on the
+current generator's samples. ``should_advance`` decides when to move to the next target.
+
+``backtracking=False`` is Diff-Instruct / VSD: no stage 0, ``s_real`` is the teacher throughout and ``s_fake``
+starts from the teacher.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..diffusion import expand_like, guided_prediction
+from ..losses.denoising import denoising_loss
+from ..losses.score_distillation import score_distillation_from_predictions
+from .one_step import OneStepModule, trainable_copy
+
+SWITCH_RULES = ("fixed", "plateau")
+
+
+def _cpu_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+class DisBackStudent(OneStepModule):
+    """One-step student distilled by DisBack (or Diff-Instruct with ``backtracking=False``).
+
+    Args (besides :class:`~lit_distill.methods.one_step.OneStepModule`'s):
+        backtracking: record the degradation path and backtrack it (DisBack); False: Diff-Instruct / VSD.
+        num_checkpoints: N, checkpoints saved along the degradation path (stage 2 then has N targets).
+        degradation_interval: fake-score updates between two checkpoints (stage 1 lasts N times this).
+        switch_rule: ``"fixed"`` (``iterations_per_stage`` generator updates per target) or ``"plateau"`` (move on
+            when the score mismatch stops improving, at most ``iterations_per_stage`` updates): see
+            :meth:`should_advance`.
+        plateau_patience, plateau_tol: the plateau rule compares the mean mismatch of the last ``patience``
+            generator updates with that of the ``patience`` before; less than ``tol`` relative improvement advances.
+        checkpoint_dir: keep the path's checkpoints as files there (default: in memory, inside the Lightning
+            checkpoint).
+        guidance_scale: classifier-free guidance of the real score (1: none).
+        normalize: DMD's ``1 / mean|x0 - x0_real|`` normalisation of the gradient (as DisBack's code).
+    """
+
+    method = "disback"
+
+    def __init__(self, teacher: str = "embedded:base", teacher_kwargs: Optional[dict] = None, *,
+                 backtracking: bool = True, num_checkpoints: int = 4, degradation_interval: int = 100,
+                 iterations_per_stage: int = 200, switch_rule: str = "fixed", plateau_patience: int = 50,
+                 plateau_tol: float = 0.01, checkpoint_dir: Optional[str] = None, guidance_scale: float = 1.0,
+                 normalize: bool = True, **kwargs):
+        super().__init__(teacher, teacher_kwargs, **kwargs)
+        if switch_rule not in SWITCH_RULES:
+            raise ValueError(f"switch_rule={switch_rule!r}: choose one of {list(SWITCH_RULES)}")
+        for name, value in dict(num_checkpoints=num_checkpoints, degradation_interval=degradation_interval,
+                                iterations_per_stage=iterations_per_stage, plateau_patience=plateau_patience).items():
+            if int(value) < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        self.backtracking, self.num_checkpoints = backtracking, int(num_checkpoints)
+        self.degradation_interval, self.iterations_per_stage = int(degradation_interval), int(iterations_per_stage)
+        self.switch_rule, self.plateau_patience, self.plateau_tol = switch_rule, int(plateau_patience), plateau_tol
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.guidance_scale, self.normalize = guidance_scale, normalize
+
+        self.teacher = self.take_teacher()
+        self.fake_score = trainable_copy(self.teacher, "teacher")
+        self.prepare_network(self.fake_score.net)
+        # the current backtracking target; None means the teacher itself
+        self.real_score = self.teacher.copy_frozen() if backtracking else None
+        self.path: list = []  # c_1..c_N: state dicts (CPU) or file paths
+        self.stage = 0 if backtracking else 1
+        self.stage_steps = 0  # updates in the current stage (fake-score updates in stage 0, generator updates after)
+        self.mismatch_history: list[float] = []
+        self._mismatch = torch.zeros(())
+
+    # -- stages ------------------------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        """Backtracking stages: N targets (``c_{N-1} .. c_1``, teacher); 1 (the teacher) without backtracking."""
+        return self.num_checkpoints if self.backtracking else 1
+
+    @property
+    def recording(self) -> bool:
+        return self.stage == 0
+
+    def target_index(self, stage: int) -> int:
+        """Index into the path ``[c_0 = teacher, c_1, .., c_N]`` of the real score of ``stage`` >= 1."""
+        return self.num_stages - stage if self.backtracking else 0
+
+    def real_score_model(self):
+        return self.teacher if self.real_score is None else self.real_score
+
+    def _load_target(self) -> None:
+        if self.real_score is None:
+            return
+        index = self.target_index(self.stage)
+        if index == 0:
+            state = self.teacher.net.state_dict()
+        else:
+            entry = self.path[index - 1]
+            state = torch.load(entry, map_location="cpu", weights_only=True) if isinstance(entry, (str, Path)) else entry
+        self.real_score.net.load_state_dict(state)
+
+    def should_advance(self, stage_steps: int, mismatch_history: list[float]) -> bool:
+        """Whether the generator has matched the current target (a seam: override for another rule).
+
+        ``stage_steps``: generator updates in this stage; ``mismatch_history``: per-update mean of
+        ``(x0_fake - x0_real)^2`` in this stage (the last ``2 * plateau_patience`` values). ``"fixed"``: after
+        ``iterations_per_stage`` updates. ``"plateau"``: once the mean of the last ``patience`` values improves by
+        less than ``plateau_tol`` (relative) on the ``patience`` before, or after ``iterations_per_stage``.
+        """
+        if stage_steps >= self.iterations_per_stage:
+            return True
+        if self.switch_rule == "fixed" or len(mismatch_history) < 2 * self.plateau_patience:
+            return False
+        k = self.plateau_patience
+        recent, before = mismatch_history[-k:], mismatch_history[-2 * k:-k]
+        mean_recent, mean_before = sum(recent) / k, sum(before) / k
+        return mean_recent > (1 - self.plateau_tol) * mean_before
+
+    def _record_checkpoint(self) -> None:
+        state = _cpu_state(self.fake_score.net)
+        if self.checkpoint_dir is None:
+            self.path.append(state)
+            return
+        file = self.checkpoint_dir / f"degradation_{len(self.path) + 1:03d}.pt"
+        if self.trainer.is_global_zero:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+            os.replace(tmp, file)
+        self.trainer.strategy.barrier("disback_checkpoint")
+        self.path.append(str(file))
+
+    def _next_stage(self) -> None:
+        self.stage += 1
+        self.stage_steps = 0
+        self.mismatch_history = []
+        self._load_target()
+
+    def after_training_step(self) -> None:
+        if self.recording:
+            if self.stage_steps > 0 and self.stage_steps % self.degradation_interval == 0:
+                self._record_checkpoint()
+                if len(self.path) == self.num_checkpoints:
+                    self._next_stage()
+        elif self.stage < self.num_stages and self.should_advance(self.stage_steps, self.mismatch_history):
+            self._next_stage()
+        self.log("disback/stage", float(self.stage), batch_size=1)
+
+    # -- losses ------------------------------------------------------------------------------------
+    def train_generator_now(self) -> bool:
+        return not self.recording and super().train_generator_now()
+
+    def auxiliary_parameters(self):
+        return self.fake_score.net.parameters()
+
+    def auxiliary_loss(self, batch: dict, captions: list[str], cond) -> Tensor:
+        """DSM of the fake score on (detached) generator samples."""
+        with torch.no_grad():
+            x0 = self.generate(captions, cond=cond)
+        return denoising_loss(self.fake_score, self.schedule, x0, cond)
+
+    def on_auxiliary_update(self) -> None:
+        if self.recording:
+            self.stage_steps += 1
+
+    def on_generator_update(self) -> None:
+        self.stage_steps += 1
+        self.mismatch_history = (self.mismatch_history + [float(self._mismatch)])[-2 * self.plateau_patience:]
+
+    def generator_loss(self, batch: dict, captions: list[str], cond) -> Tensor:
+        x0 = self.generate(captions, cond=cond)
+        timesteps = self.sample_timesteps(x0.shape[0])
+        x_t, alpha, sigma = self.noised(x0, timesteps)
+        with torch.no_grad():
+            pred_fake = self.fake_score(x_t.detach(), timesteps, cond)
+            uncond = self.model.null_cond(x0.shape[0]) if self.guidance_scale != 1.0 else None
+            pred_real = guided_prediction(self.real_score_model(), x_t.detach(), timesteps, cond, uncond,
+                                          self.guidance_scale)
+        out = score_distillation_from_predictions(
+            x_t, pred_fake, pred_real, expand_like(alpha, x0), expand_like(sigma, x0), self.schedule.prediction_type,
+            weight=self.weight(timesteps, alpha, sigma), normalize=self.normalize, x0=x0.detach())
+        self._mismatch = (out.x0_fake - out.x0_real).pow(2).flatten(1).mean(1).mean()
+        self.log("disback/score_mismatch", self._mismatch, batch_size=x0.shape[0])
+        return out.loss
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["disback"] = {"stage": self.stage, "stage_steps": self.stage_steps, "path": list(self.path),
+                                 "mismatch_history": list(self.mismatch_history),
+                                 "num_checkpoints": self.num_checkpoints, "backtracking": self.backtracking}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("disback")
+        if state is None:
+            raise ValueError("checkpoint has no 'disback' state: it was not written by DisBackStudent")
+        if (state["num_checkpoints"], state["backtracking"]) != (self.num_checkpoints, self.backtracking):
+            raise ValueError(f"checkpoint has num_checkpoints={state['num_checkpoints']}, backtracking="
+                             f"{state['backtracking']}; this run has {self.num_checkpoints}, {self.backtracking}: "
+                             "resume with the same settings")
+        missing = [p for p in state["path"] if isinstance(p, str) and not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"degradation checkpoints {missing} (checkpoint_dir) are missing: restore them "
+                                    "or restart the run")
+        self.stage, self.stage_steps = int(state["stage"]), int(state["stage_steps"])
+        self.path, self.mismatch_history = list(state["path"]), list(state["mismatch_history"])
+        # real_score's weights (the current target) come back with the module's state dict

@@ -1,0 +1,146 @@
+"""What TeacherRL and OPDStudent share: a trained denoiser that samples its own training data.
+
+The module owns the trained model (full fine-tune or LoRA), the sampling grid and per-step noise
+levels, prompt encoding (frozen text encoder), the rollout through the one shared sampler, and the
+recomputation of the kernel of chosen (sample, step) pairs with gradient.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..diffusion import Trajectory, guided_prediction, noise_levels, rollout
+from ..diffusion.schedules import SamplingGrid
+from ..models.diffusion_model import DiffusionModel
+from ..models.lora import add_lora
+from ..models.sources import load_model
+from .base import DistillModule
+
+
+def repeat_rows(batch: dict[str, Any], times: int) -> dict[str, Any]:
+    """Repeat every row of a prompt batch ``times`` times, consecutively (groups of one prompt)."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            out[key] = value.repeat_interleave(times, dim=0)
+        else:
+            out[key] = [v for v in value for _ in range(times)]
+    return out
+
+
+def metadata_of(batch: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a prompt batch other than ``prompt`` and ``task`` (e.g. ``digit``), for rewards."""
+    return {k: v for k, v in batch.items() if k not in ("prompt", "task")}
+
+
+class OnPolicyModule(DistillModule):
+    """Base of TeacherRL and OPDStudent (see their docstrings for the arguments they add).
+
+    Args:
+        model: the trained model's source (see ``load_model``); ``model_kwargs`` its loader arguments.
+        lora_rank: 0 trains the whole denoiser; > 0 trains LoRA adapters of that rank only.
+        num_steps: sampling steps of a rollout.
+        noise_level: eta (VP, DDIM) or a (rectified flow) of the stochastic steps.
+        sde_steps: which steps are stochastic (None: all); the others are ODE steps.
+        guidance_scale: classifier-free guidance in rollouts and in recomputed kernels (1: off).
+        eval_steps: ODE steps of evaluation samples (``generate_eval_samples``).
+        seed: base seed of rollout noise; step ``k`` on rank ``r`` draws from ``seed + k * 1009 + r``,
+            so a resumed run draws the same noise as an uninterrupted one.
+    """
+
+    def __init__(self, model: str, model_kwargs: Optional[dict], *, lora_rank: int, num_steps: int,
+                 noise_level: float, sde_steps: Optional[Sequence[int]], guidance_scale: float,
+                 eval_steps: int, seed: int, **base: Any):
+        super().__init__(**base)
+        self.model: DiffusionModel = load_model(model, **(model_kwargs or {}))
+        self.model.requires_grad_(False)
+        if lora_rank > 0:
+            add_lora(self.model.net, rank=lora_rank)
+        else:
+            self.model.net.requires_grad_(True)
+        self.prepare_network(self.model.net)
+        self.num_steps, self.guidance_scale, self.eval_steps, self.seed = num_steps, guidance_scale, eval_steps, seed
+        self.levels = noise_levels(num_steps, noise_level, sde_steps)
+        if not any(self.levels):
+            raise ValueError("no stochastic step: noise_level must be > 0 and sde_steps non-empty "
+                             "(rollouts need noise for log-probs and per-step KLs)")
+        self._grids: dict[tuple, SamplingGrid] = {}
+
+    def setup(self, stage: str) -> None:
+        self.maybe_compile(self.model.net)
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def grid(self, num_steps: Optional[int] = None) -> SamplingGrid:
+        key = (num_steps or self.num_steps, str(self.device))
+        if key not in self._grids:
+            self._grids[key] = self.model.schedule.grid(key[0], device=self.device)
+        return self._grids[key]
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> tuple[Optional[dict], Optional[dict]]:
+        """``(cond, uncond)`` for the prompts; ``uncond`` only when guidance is on."""
+        cond = self.model.encode_prompts(list(prompts))
+        uncond = self.model.null_cond(len(prompts)) if self.guidance_scale != 1.0 else None
+        return cond, uncond
+
+    def rollout_generator(self, device: Optional[torch.device] = None) -> torch.Generator:
+        """A generator for this step's randomness, a pure function of (seed, step, rank)."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return torch.Generator(device or self.device).manual_seed(self.seed + self.global_step * 1009 + rank)
+
+    @torch.no_grad()
+    def sample_trajectories(self, model: DiffusionModel, cond, uncond, batch_size: int,
+                            generator: torch.Generator) -> Trajectory:
+        """SDE rollouts of ``model`` in eval mode under ``torch.no_grad``."""
+        was_training = model.training
+        model.eval()
+        noise = torch.randn((batch_size,) + model.sample_shape, generator=generator, device=self.device)
+        traj = rollout(model, noise, cond, model.schedule, self.grid(), noise_level=self.levels,
+                       generator=generator, guidance_scale=self.guidance_scale, uncond=uncond, store_means=False)
+        model.train(was_training)
+        return traj
+
+    def kernel(self, model: DiffusionModel, traj: Trajectory, rows: Tensor, steps: Tensor,
+               cond: Optional[dict], uncond: Optional[dict]) -> tuple[Tensor, Tensor]:
+        """Mean and std of ``model``'s kernel at ``(rows, steps)`` pairs of a trajectory ``[M]``.
+
+        Gradient flows into ``model`` unless called under ``no_grad``; ``x_t`` comes from the
+        trajectory and is never differentiated."""
+        pick = lambda c: None if c is None else {k: v[rows] for k, v in c.items()}  # noqa: E731
+        x = traj.latents[rows, steps]
+        grid = self.grid().at(steps)
+        prediction = guided_prediction(model, x, grid.timesteps, pick(cond), pick(uncond), self.guidance_scale)
+        levels = traj.noise_levels[steps]
+        return model.schedule.kernel(prediction.float(), x, grid, levels)
+
+    def training_pairs(self, traj: Trajectory, steps_per_sample: Optional[int], generator: torch.Generator):
+        """``(rows, steps)`` LongTensors ``[M]``: for each sample, ``steps_per_sample`` stochastic steps
+        drawn without replacement (all of them if None), in random order (Flow-GRPO's reduction).
+        ``generator`` is a CPU generator."""
+        stochastic = torch.nonzero(traj.stochastic.cpu()).flatten()
+        k = len(stochastic) if steps_per_sample is None else min(steps_per_sample, len(stochastic))
+        batch = traj.latents.shape[0]
+        scores = torch.rand(batch, len(stochastic), generator=generator)
+        chosen = stochastic[scores.argsort(dim=1)[:, :k]]  # [B, k]
+        rows = torch.arange(batch).repeat_interleave(k)
+        return rows.to(self.device), chosen.flatten().to(self.device)
+
+    # -- evaluation hook used by callbacks ---------------------------------------------------------
+    @torch.no_grad()
+    def generate_eval_samples(self, prompts: Sequence[str], generator: torch.Generator) -> Tensor:
+        """Images ``[B, C, H, W]`` in [-1, 1] for ``prompts``: ODE sampler, ``eval_steps`` steps."""
+        from ..diffusion import sample
+
+        was_training = self.model.training
+        self.model.eval()
+        cond, uncond = self.encode(prompts)
+        noise = torch.randn((len(prompts),) + self.model.sample_shape, generator=generator, device=self.device)
+        x = sample(self.model, noise, cond, self.model.schedule, self.eval_steps,
+                   guidance_scale=self.guidance_scale, uncond=uncond)
+        self.model.train(was_training)
+        return self.model.decode(x)
+
+    def configure_optimizers(self):
+        return self.make_optimizer(self.model.net.parameters())

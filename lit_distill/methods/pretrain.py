@@ -1,0 +1,84 @@
+"""DiffusionPretrain: train a base denoiser by DSM (VP) or flow matching on an ImageDataModule."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..losses import denoising_loss
+from ..models.ema import EMA
+from ..models.sources import load_model
+from .base import DistillModule
+
+
+class DiffusionPretrain(DistillModule):
+    """Trains ``model`` (text encoder included, when it has one) on image/caption batches.
+
+    Args:
+        model: where the model comes from: ``"embedded"`` (a fresh tiny text-conditional UNet, see
+            ``build_embedded_model``), ``"embedded:base"`` (the cached pretrained base) or a local
+            diffusers-style directory.
+        model_kwargs: builder arguments for ``"embedded"`` (``resolution``, ``family``,
+            ``prediction_type``, ``block_channels``...).
+        caption_dropout: probability of training on the empty prompt (enables classifier-free guidance).
+        train_text_encoder: also train the prompt encoder (the embedded one starts from random weights).
+        ema_decay: EMA of the trained weights; the EMA weights are evaluated and exported.
+        export_dir: where ``on_train_end`` writes the EMA model with ``save_pretrained`` (None: nowhere).
+    Batches: ``{"image": [B, C, H, W] in [-1, 1], "caption": list[str], ...}`` (``ImageDataModule``).
+    """
+
+    method = "pretrain"
+
+    def __init__(self, model: str = "embedded", model_kwargs: Optional[dict] = None, *, lr: float = 1e-3,
+                 weight_decay: float = 0.0, caption_dropout: float = 0.1, train_text_encoder: bool = True,
+                 ema_decay: float = 0.999, export_dir: Optional[str] = None, nan_policy: str = "raise",
+                 compile: bool = False, gradient_checkpointing: bool = False, seed: int = 0):
+        super().__init__(lr=lr, weight_decay=weight_decay, nan_policy=nan_policy, compile=compile,
+                         gradient_checkpointing=gradient_checkpointing)
+        self.save_hyperparameters()
+        self.model = load_model(model, **(model_kwargs or {}))
+        self.prepare_network(self.model.net)
+        if self.model.vae is not None:
+            self.model.vae.requires_grad_(False)
+        if self.model.text_encoder is not None:
+            self.model.text_encoder.requires_grad_(train_text_encoder)
+        self.ema = EMA(self.model, decay=ema_decay)
+        self.caption_dropout = caption_dropout
+        self._rng = random.Random(seed)
+
+    def setup(self, stage: str) -> None:
+        self.maybe_compile(self.model.net)
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        images = batch["image"]
+        x0 = self.model.encode_images(images) if self.model.vae is not None else images
+        captions = list(batch["caption"])
+        if self.training and self.caption_dropout > 0:
+            captions = ["" if self._rng.random() < self.caption_dropout else c for c in captions]
+        cond = self.model.encode_prompts(captions)
+        return denoising_loss(self.model, self.model.schedule, x0.float(), cond)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss = self._loss(batch)
+        if not self.check_finite("denoising loss", loss):
+            return None
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.ema.update(self.model)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        with self.ema.swap(self.model):
+            loss = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
+
+    def configure_optimizers(self):
+        return self.make_optimizer(self.model.parameters())
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            with self.ema.swap(self.model):
+                self.model.save_pretrained(Path(self.hparams.export_dir))

@@ -1,0 +1,139 @@
+"""TeacherRL: the policy-gradient math against brute force, and the module's contracts."""
+import lightning as L
+import pytest
+import torch
+
+from lit_distill.diffusion import gaussian_log_prob
+from lit_distill.losses import RunningNormalizer, group_advantages, ppo_clip_loss
+from lit_distill.methods.teacher_rl import TeacherRL
+from lit_distill.rewards import Reward
+
+TINY = {"resolution": 8, "block_channels": (16, 32), "text_hidden": 32}
+
+
+def tiny_rl(**kwargs):
+    defaults = dict(model="embedded", model_kwargs=TINY, reward="brightness", num_steps=4, group_size=4,
+                    minibatch_size=16, eval_steps=4, lr=1e-4)
+    defaults.update(kwargs)
+    return TeacherRL(**defaults)
+
+
+def prompt_batch(n=2):
+    return {"prompt": ["a handwritten seven", "a handwritten one"][:n], "task": ["brightness"] * n,
+            "digit": torch.tensor([7, 1][:n])}
+
+
+def test_ppo_gradient_at_ratio_one_is_reinforce():
+    torch.manual_seed(0)
+    theta = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    adv = torch.randn(6, dtype=torch.float64)
+    log_prob = gaussian_log_prob(x.view(6, 5, 1, 1), theta.view(1, 5, 1, 1).expand(6, 5, 1, 1), torch.tensor(0.5, dtype=torch.float64))
+    (g_ppo,) = torch.autograd.grad(ppo_clip_loss(log_prob, log_prob.detach(), adv, 0.2).sum(), theta, retain_graph=True)
+    (g_reinforce,) = torch.autograd.grad(-(adv * log_prob).sum(), theta)
+    torch.testing.assert_close(g_ppo, g_reinforce)
+
+
+def test_ppo_clipping_zeroes_the_gradient_where_active():
+    log_prob = torch.tensor([0.5, 0.5, -0.5, -0.5, 0.05], requires_grad=True)
+    old = torch.zeros(5)
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0])
+    ppo_clip_loss(log_prob, old, adv, 0.2).sum().backward()
+    # ratio e^0.5 > 1.2 with A > 0 and ratio e^-0.5 < 0.8 with A < 0 are clipped: no gradient
+    assert log_prob.grad[0] == 0 and log_prob.grad[2] == 0
+    # the pessimistic side keeps its gradient: -A * ratio
+    torch.testing.assert_close(log_prob.grad[1], torch.exp(torch.tensor(0.5)))
+    torch.testing.assert_close(log_prob.grad[3], -torch.exp(torch.tensor(-0.5)))
+    torch.testing.assert_close(log_prob.grad[4], -torch.exp(torch.tensor(0.05)))
+
+
+def test_group_advantages_are_standardised_per_group():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 20.0, 0.0, 5.0, 5.0, 5.0, 5.0])
+    adv = group_advantages(rewards, 4, eps=0.0 + 1e-12).view(3, 4)
+    torch.testing.assert_close(adv[:2].mean(1), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(adv[:2].std(1, unbiased=False), torch.ones(2), atol=1e-5, rtol=0)
+    assert torch.equal(adv[2], torch.zeros(4))  # equal rewards: no signal
+    with pytest.raises(ValueError, match="group_size=1"):
+        group_advantages(rewards, 1)
+    with pytest.raises(ValueError, match="do not split"):
+        group_advantages(rewards, 5)
+
+
+def test_running_normalizer_matches_global_statistics():
+    norm = RunningNormalizer(eps=0.0)
+    a, b = torch.randn(7) * 3 + 1, torch.randn(5) * 2 - 4
+    norm(a)
+    out = norm(b)
+    both = torch.cat([a, b]).double()
+    torch.testing.assert_close(out.double(), (b.double() - both.mean()) / both.std(unbiased=False), atol=1e-6, rtol=1e-6)
+
+
+def test_rollout_log_probs_give_ratio_one_before_any_update():
+    torch.manual_seed(0)
+    module = tiny_rl(guidance_scale=2.0, sde_steps=[0, 1, 3])
+    batch = prompt_batch()
+    cond, uncond = module.encode(batch["prompt"] * 2)
+    traj = module.sample_trajectories(module.model, cond, uncond, 4, torch.Generator().manual_seed(0))
+    rows, steps = module.training_pairs(traj, None, torch.Generator().manual_seed(1))
+    assert set(steps.tolist()) == {0, 1, 3}
+    module.model.eval()
+    mean, std = module.kernel(module.model, traj, rows, steps, cond, uncond)
+    log_probs = gaussian_log_prob(traj.latents[rows, steps + 1], mean, std)
+    ratio = torch.exp(log_probs - traj.log_probs[rows, steps])
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
+
+
+def test_kl_to_identical_reference_is_zero_with_zero_gradient():
+    torch.manual_seed(0)
+    module = tiny_rl(kl_weight=1.0)
+    batch = prompt_batch()
+    cond, uncond = module.encode(batch["prompt"])
+    traj = module.sample_trajectories(module.model, cond, uncond, 2, torch.Generator().manual_seed(0))
+    rows, steps = module.training_pairs(traj, None, torch.Generator().manual_seed(1))
+    mean, std = module.kernel(module.model, traj, rows, steps, cond, uncond)
+    from lit_distill.diffusion import gaussian_kl
+    kl = gaussian_kl(mean, module.reference_mean(traj, rows, steps, cond, uncond), std).mean()
+    assert float(kl.detach()) == 0.0
+    kl.backward()
+    grads = [p.grad for p in module.model.net.parameters() if p.grad is not None]
+    assert grads and all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+def test_training_steps_run_and_log():
+    torch.manual_seed(0)
+    module = tiny_rl(steps_per_sample=2, inner_epochs=2)
+    loader = torch.utils.data.DataLoader([0, 1], batch_size=2, collate_fn=lambda _: prompt_batch())
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    before = [p.detach().clone() for p in module.model.net.parameters()]
+    trainer.fit(module, loader)
+    assert "train/reward" in trainer.callback_metrics and "train/clipfrac" in trainer.callback_metrics
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.model.net.parameters()))
+
+
+class BadShape(Reward):
+    name = "bad_shape"
+
+    def forward(self, images, prompts, tasks, **metadata):
+        return torch.zeros(images.shape[0], 2)
+
+
+class NaNReward(Reward):
+    name = "nan_reward"
+
+    def forward(self, images, prompts, tasks, **metadata):
+        return torch.full((images.shape[0],), float("nan"))
+
+
+def test_bad_input_errors_name_the_field():
+    with pytest.raises(ValueError, match="no_such_reward"):
+        tiny_rl(reward="no_such_reward")
+    with pytest.raises(ValueError, match="group_size=1"):
+        tiny_rl(group_size=1)
+    with pytest.raises(ValueError, match="reference='lora_base' needs lora_rank"):
+        tiny_rl(kl_weight=0.1, reference="lora_base")
+    batch = prompt_batch()
+    for reward, match in ((BadShape(), "bad_shape"), (NaNReward(), "nan_reward")):
+        module = tiny_rl(reward=reward)
+        with pytest.raises(ValueError, match=match):
+            module.compute_rewards(torch.zeros(2, 1, 8, 8), batch)
