@@ -63,9 +63,6 @@ class OnPolicyModule(DistillModule):
         self.prepare_network(self.model.net)
         self.num_steps, self.guidance_scale, self.eval_steps, self.seed = num_steps, guidance_scale, eval_steps, seed
         self.levels = noise_levels(num_steps, noise_level, sde_steps)
-        if not any(self.levels):
-            raise ValueError("no stochastic step: noise_level must be > 0 and sde_steps non-empty "
-                             "(rollouts need noise for log-probs and per-step KLs)")
         self._grids: dict[tuple, SamplingGrid] = {}
 
     def setup(self, stage: str) -> None:
@@ -115,17 +112,20 @@ class OnPolicyModule(DistillModule):
         levels = traj.noise_levels[steps]
         return model.schedule.kernel(prediction.float(), x, grid, levels)
 
-    def training_pairs(self, traj: Trajectory, steps_per_sample: Optional[int], generator: torch.Generator):
-        """``(rows, steps)`` LongTensors ``[M]``: for each sample, ``steps_per_sample`` stochastic steps
-        drawn without replacement (all of them if None), in random order (Flow-GRPO's reduction).
-        ``generator`` is a CPU generator."""
-        stochastic = torch.nonzero(traj.stochastic.cpu()).flatten()
+    def training_pairs(self, traj: Trajectory, steps_per_sample: Optional[int], generator: torch.Generator,
+                       stochastic_only: bool = True):
+        """``(rows, steps)`` LongTensors ``[M]``: for each sample, ``steps_per_sample`` steps drawn
+        without replacement (all of them if None) among the stochastic steps (or all steps), in random
+        order (Flow-GRPO's denoising reduction). ``generator`` and the results are on the CPU, so that
+        routing and chunking never read device memory back."""
+        candidates = torch.tensor(self.levels) > 0 if stochastic_only else torch.ones(len(self.levels), dtype=torch.bool)
+        stochastic = torch.nonzero(candidates).flatten()
         k = len(stochastic) if steps_per_sample is None else min(steps_per_sample, len(stochastic))
         batch = traj.latents.shape[0]
         scores = torch.rand(batch, len(stochastic), generator=generator)
         chosen = stochastic[scores.argsort(dim=1)[:, :k]]  # [B, k]
         rows = torch.arange(batch).repeat_interleave(k)
-        return rows.to(self.device), chosen.flatten().to(self.device)
+        return rows, chosen.flatten()
 
     # -- evaluation hook used by callbacks ---------------------------------------------------------
     @torch.no_grad()

@@ -66,6 +66,9 @@ class TeacherRL(OnPolicyModule):
             raise ValueError(f"logprob_reduction={logprob_reduction!r}: choose 'sum' or 'mean'")
         if reference == "lora_base" and lora_rank <= 0:
             raise ValueError("reference='lora_base' needs lora_rank > 0 (the LoRA-free base is the reference)")
+        if not any(self.levels):
+            raise ValueError("no stochastic step: noise_level must be > 0 and sde_steps non-empty "
+                             "(policy gradients need the log-probs of noisy steps)")
         self.reward = build_reward(reward)
         self.normalizer = RunningNormalizer() if advantage == "running" else None
         self.reference = None
@@ -108,7 +111,7 @@ class TeacherRL(OnPolicyModule):
             return
         adv = self.advantages(rewards)
         cpu_gen = self.rollout_generator(torch.device("cpu"))
-        rows, steps = self.training_pairs(traj, cfg["steps_per_sample"], cpu_gen)
+        rows, steps = (t.to(self.device) for t in self.training_pairs(traj, cfg["steps_per_sample"], cpu_gen))
         old_log_probs = traj.log_probs[rows, steps]
         stats = defaultdict(list)
         opt = self.optimizers()

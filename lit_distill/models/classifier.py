@@ -171,6 +171,7 @@ def get_digit_classifier(
     if not model.loaded_from_cache:
         t0 = time.perf_counter()
         model, acc = train_digit_classifier(resolution, source=source)
+        model.heldout_accuracy = acc
         state = {"version": CLASSIFIER_VERSION, "resolution": resolution, "source": source,
                  "heldout_accuracy": acc, "train_seconds": time.perf_counter() - t0, "state_dict": model.state_dict()}
         cache.mkdir(parents=True, exist_ok=True)

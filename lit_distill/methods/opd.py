@@ -1,0 +1,158 @@
+"""OPDStudent (DiffusionOPD): on-policy distillation of several task teachers into one student."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..diffusion import Trajectory
+from ..losses import per_step_kl
+from ..models.diffusion_model import DiffusionModel
+from ..models.sources import load_model
+from .on_policy import OnPolicyModule
+
+
+class OPDStudent(OnPolicyModule):
+    """A multi-task student trained on its own rollouts to match the routed teacher's kernels.
+
+    Each training step: a batch of prompts with task tags; the student rolls out
+    (``rollouts_per_prompt`` each) with the shared rollout function; at (sample, step) pairs the student's
+    kernel mean is recomputed with gradient and the routed teacher's on the same ``x_t`` without; the
+    loss is the closed-form per-step KL ``||mu_s - mu_T||^2 / (2 std^2)`` on stochastic steps and
+    ``ode_weight * ||mu_s - mu_T||^2`` on ODE steps, weighted by :meth:`step_weight`, averaged.
+
+    Args (beyond :class:`OnPolicyModule`'s):
+        teachers: ``{teacher_name: model source}``, one frozen teacher per task (a directory saved by
+            TeacherRL's export, or any source ``load_model`` accepts).
+        teacher_dtype: e.g. ``"bfloat16"`` for the cheap form of frozen teachers (None: the student's).
+        rollouts_per_prompt: student rollouts per prompt of the batch.
+        steps_per_sample: random steps per rollout that enter the loss (None: all steps).
+        minibatch_size: (sample, step) pairs per optimiser step.
+        ode_weight: weight of mean matching on deterministic steps.
+        kl_reduction: ``"sum"`` (the exact KL of the whole sample) or ``"mean"`` (divided by elements D).
+
+    Teachers are kept out of the student's ``state_dict`` (they are reloaded from their sources) and are
+    replicated on every device, never sharded or trained. Seams: :meth:`route` (task -> teacher) and
+    :meth:`step_weight` (per-step loss weight).
+    """
+
+    method = "opd"
+
+    def __init__(self, model: str = "embedded:base", teachers: Optional[dict[str, str]] = None,
+                 model_kwargs: Optional[dict] = None, *, teacher_dtype: Optional[str] = None, lora_rank: int = 0,
+                 num_steps: int = 10, noise_level: float = 0.7, sde_steps: Optional[Sequence[int]] = None,
+                 guidance_scale: float = 1.0, eval_steps: int = 20, rollouts_per_prompt: int = 1,
+                 steps_per_sample: Optional[int] = None, minibatch_size: int = 64, ode_weight: float = 1.0,
+                 kl_reduction: str = "sum", max_grad_norm: Optional[float] = 1.0, lr: float = 1e-5,
+                 weight_decay: float = 0.0, nan_policy: str = "raise", compile: bool = False,
+                 gradient_checkpointing: bool = False, seed: int = 0):
+        super().__init__(model, model_kwargs, lora_rank=lora_rank, num_steps=num_steps, noise_level=noise_level,
+                         sde_steps=sde_steps, guidance_scale=guidance_scale, eval_steps=eval_steps, seed=seed,
+                         lr=lr, weight_decay=weight_decay, nan_policy=nan_policy, compile=compile,
+                         gradient_checkpointing=gradient_checkpointing)
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if not teachers:
+            raise ValueError("teachers is empty: give {task: model source} for every task of the prompt set")
+        if kl_reduction not in ("sum", "mean"):
+            raise ValueError(f"kl_reduction={kl_reduction!r}: choose 'sum' or 'mean'")
+        dtype = getattr(torch, teacher_dtype) if teacher_dtype else None
+        # a plain dict, not a ModuleDict: teachers stay out of checkpoints and optimisers
+        self.teachers: dict[str, DiffusionModel] = {}
+        for name, source in teachers.items():
+            teacher = load_model(source).copy_frozen(dtype)
+            check_compatible(self.model, teacher, name)
+            self.teachers[name] = teacher
+        self.cfg = dict(rollouts_per_prompt=rollouts_per_prompt, steps_per_sample=steps_per_sample,
+                        minibatch_size=minibatch_size, ode_weight=ode_weight, max_grad_norm=max_grad_norm)
+        self.kl_scale = 1.0 if kl_reduction == "sum" else 1.0 / torch.Size(self.model.sample_shape).numel()
+
+    # -- seams ----------------------------------------------------------------------------------
+    def route(self, task: str) -> str:
+        """The name of the teacher that serves ``task`` (default: the teacher named like the task)."""
+        return task
+
+    def step_weight(self, steps: Tensor) -> Tensor:
+        """Loss weight of each pair's step ``[M]`` (default 1: every step counts the same)."""
+        return torch.ones(steps.shape, device=steps.device)
+
+    def check_tasks(self, tasks: Sequence[str]) -> None:
+        """Raise before any compute if a task has no teacher."""
+        unknown = sorted({t for t in tasks if self.route(t) not in self.teachers})
+        if unknown:
+            raise ValueError(f"tasks {unknown} are served by no teacher (teachers: {sorted(self.teachers)}); "
+                             "add them to `teachers`, override `route`, or filter the prompt set's `tasks`")
+
+    # -- training -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        for teacher in self.teachers.values():
+            teacher.to(self.device)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "tasks_present"):
+            self.check_tasks(datamodule.tasks_present())
+
+    def teacher_means(self, traj: Trajectory, rows: Tensor, steps: Tensor, prompts: Sequence[str],
+                      tasks: Sequence[str]) -> Tensor:
+        """The routed teachers' kernel means at the pairs (CPU index tensors ``[M]``), each teacher run
+        only on its own rows, on the prompts encoded by its own text encoder."""
+        out = torch.empty_like(traj.latents[rows.to(self.device), steps.to(self.device)])
+        names = [self.route(tasks[r]) for r in rows.tolist()]
+        with torch.no_grad():
+            for name in sorted(set(names)):
+                sel = torch.tensor([i for i, n in enumerate(names) if n == name])
+                teacher = self.teachers[name]
+                cond = teacher.encode_prompts(list(prompts))
+                uncond = teacher.null_cond(len(prompts)) if self.guidance_scale != 1.0 else None
+                r, s = rows[sel].to(self.device), steps[sel].to(self.device)
+                out[sel.to(self.device)] = self.kernel(teacher, traj, r, s, cond, uncond)[0].float()
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        cfg = self.cfg
+        self.check_tasks(batch["task"])
+        repeat = cfg["rollouts_per_prompt"]
+        prompts = [p for p in batch["prompt"] for _ in range(repeat)]
+        tasks = [t for t in batch["task"] for _ in range(repeat)]
+        cond, uncond = self.encode(prompts)
+        traj = self.sample_trajectories(self.model, cond, uncond, len(prompts), self.rollout_generator())
+        cpu_gen = self.rollout_generator(torch.device("cpu"))
+        rows, steps = self.training_pairs(traj, cfg["steps_per_sample"], cpu_gen, stochastic_only=False)
+        opt, losses = self.optimizers(), defaultdict(list)
+        for chunk in torch.randperm(len(rows), generator=cpu_gen).split(cfg["minibatch_size"]):
+            target = self.teacher_means(traj, rows[chunk], steps[chunk], prompts, tasks)
+            r, s = rows[chunk].to(self.device), steps[chunk].to(self.device)
+            mean, std = self.kernel(self.model, traj, r, s, cond, uncond)
+            per_pair = per_step_kl(mean, target, std, cfg["ode_weight"]) * self.kl_scale * self.step_weight(s)
+            loss = per_pair.mean()
+            if not self.check_finite("per-step KL loss", loss):
+                continue
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            if cfg["max_grad_norm"]:
+                self.clip_gradients(opt, gradient_clip_val=cfg["max_grad_norm"], gradient_clip_algorithm="norm")
+            opt.step()
+            losses["all"].append(loss.detach())
+            chunk_tasks = [tasks[r] for r in rows[chunk].tolist()]
+            for task in set(chunk_tasks):
+                mask = torch.tensor([t == task for t in chunk_tasks]).to(self.device)
+                losses[f"kl/{task}"].append(per_pair.detach()[mask].mean())
+        for name, values in losses.items():
+            self.log("train/kl" if name == "all" else f"train/{name}", torch.stack(values).mean(), prog_bar=name == "all")
+
+
+def check_compatible(student: DiffusionModel, teacher: DiffusionModel, name: str) -> None:
+    """Teachers must share the student's schedule and sample space (the per-step KL compares kernels
+    of the same step on the same x_t)."""
+    s, t = student.schedule, teacher.schedule
+    problems = []
+    if (s.family, s.prediction_type) != (t.family, t.prediction_type):
+        problems.append(f"schedule {t.family}/{t.prediction_type} vs the student's {s.family}/{s.prediction_type}")
+    if s.num_train_timesteps != t.num_train_timesteps:
+        problems.append(f"num_train_timesteps {t.num_train_timesteps} vs {s.num_train_timesteps}")
+    if teacher.sample_shape != student.sample_shape:
+        problems.append(f"sample_shape {teacher.sample_shape} vs the student's {student.sample_shape}")
+    if problems:
+        raise ValueError(f"teachers[{name!r}] does not match the student: {'; '.join(problems)}. "
+                         "Distil from teachers fine-tuned from the same base model.")

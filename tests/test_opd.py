@@ -1,0 +1,117 @@
+"""OPDStudent: the per-step objective against Monte Carlo, gradient paths, routing, both modes."""
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from lit_distill.diffusion import gaussian_log_prob
+from lit_distill.losses import per_step_kl
+from lit_distill.methods.opd import OPDStudent
+from lit_distill.models.builders import build_embedded_model
+
+TINY = {"resolution": 8, "block_channels": (16, 32), "text_hidden": 32}
+
+
+@pytest.fixture(scope="module")
+def teacher_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    dirs = {}
+    for name, seed in (("bright", 1), ("dark", 2)):
+        build_embedded_model(**TINY, seed=seed).save_pretrained(root / name)
+        dirs[name] = str(root / name)
+    return dirs
+
+
+def batch(tasks=("bright", "dark", "bright")):
+    return {"prompt": ["a handwritten seven", "a handwritten one", "a handwritten two"][: len(tasks)], "task": list(tasks)}
+
+
+def student(teacher_dirs, model=None, **kwargs):
+    defaults = dict(model=model or "embedded", model_kwargs=None if model else {**TINY, "seed": 0},
+                    teachers=teacher_dirs, num_steps=4, minibatch_size=8, eval_steps=4, lr=1e-3)
+    defaults.update(kwargs)
+    return OPDStudent(**defaults)
+
+
+def test_per_step_kl_equals_monte_carlo_and_mean_matching_on_ode_rows():
+    g = torch.Generator().manual_seed(0)
+    ms, mt = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64), torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64)
+    std = torch.tensor([0.4, 0.0, 0.8], dtype=torch.float64)
+    loss = per_step_kl(ms, mt, std, ode_weight=0.5)
+    n = 20000
+    for row in (0, 2):
+        x = ms[row] + std[row] * torch.randn((n,) + ms.shape[1:], generator=g, dtype=torch.float64)
+        log_ratio = gaussian_log_prob(x, ms[row].expand_as(x), std[row]) - gaussian_log_prob(x, mt[row].expand_as(x), std[row])
+        est, se = log_ratio.mean(), log_ratio.std() / math.sqrt(n)
+        assert abs(float(est - loss[row])) < 3 * float(se)
+    torch.testing.assert_close(loss[1], 0.5 * (ms[1] - mt[1]).pow(2).sum())
+
+
+def test_gradient_reaches_the_student_only_and_vanishes_when_equal(teacher_dirs):
+    torch.manual_seed(0)
+    module = student(teacher_dirs)
+    b = batch()
+    cond, uncond = module.encode(b["prompt"])
+    traj = module.sample_trajectories(module.model, cond, uncond, 3, torch.Generator().manual_seed(0))
+    rows, steps = module.training_pairs(traj, None, torch.Generator().manual_seed(1), stochastic_only=False)
+    target = module.teacher_means(traj, rows, steps, b["prompt"], b["task"])
+    mean, std = module.kernel(module.model, traj, rows, steps, cond, uncond)
+    per_step_kl(mean, target, std).mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.net.parameters())
+    assert all(p.grad is None for t in module.teachers.values() for p in t.parameters())
+
+    same = student({"bright": teacher_dirs["bright"]}, model=teacher_dirs["bright"])
+    b = batch(("bright", "bright"))
+    cond, uncond = same.encode(b["prompt"])
+    traj = same.sample_trajectories(same.model, cond, uncond, 2, torch.Generator().manual_seed(0))
+    rows, steps = same.training_pairs(traj, None, torch.Generator().manual_seed(1), stochastic_only=False)
+    same.model.eval()
+    target = same.teacher_means(traj, rows, steps, b["prompt"], b["task"])
+    mean, std = same.kernel(same.model, traj, rows, steps, cond, uncond)
+    loss = per_step_kl(mean, target, std).mean()
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert all(float(p.grad.abs().max()) == 0.0 for p in same.model.net.parameters() if p.grad is not None)
+
+
+def test_routing_sends_each_row_to_its_own_teacher(teacher_dirs):
+    torch.manual_seed(0)
+    module = student(teacher_dirs)
+    b = batch(("bright", "dark", "bright"))
+    cond, uncond = module.encode(b["prompt"])
+    traj = module.sample_trajectories(module.model, cond, uncond, 3, torch.Generator().manual_seed(0))
+    rows, steps = module.training_pairs(traj, None, torch.Generator().manual_seed(1), stochastic_only=False)
+    routed = module.teacher_means(traj, rows, steps, b["prompt"], b["task"])
+    for name in ("bright", "dark"):
+        teacher = module.teachers[name]
+        own = module.kernel(teacher, traj, rows, steps, teacher.encode_prompts(b["prompt"]), None)[0]
+        mask = torch.tensor([b["task"][r] == name for r in rows.tolist()])
+        torch.testing.assert_close(routed[mask], own[mask])
+        assert not torch.allclose(routed[~mask], own[~mask])  # the teachers really differ
+
+
+@pytest.mark.parametrize("sde_steps", [None, []], ids=["sde", "ode"])
+def test_sde_and_ode_modes_train(teacher_dirs, sde_steps):
+    torch.manual_seed(0)
+    module = student(teacher_dirs, sde_steps=sde_steps, steps_per_sample=2)
+    loader = torch.utils.data.DataLoader([0], batch_size=1, collate_fn=lambda _: batch())
+    trainer = L.Trainer(max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, loader)
+    assert "train/kl/bright" in trainer.callback_metrics and "train/kl/dark" in trainer.callback_metrics
+    assert math.isfinite(float(trainer.callback_metrics["train/kl"]))
+
+
+def test_bad_input_errors(teacher_dirs, tmp_path):
+    module = student(teacher_dirs)
+    with pytest.raises(ValueError, match=r"tasks \['compress'\] are served by no teacher"):
+        module.check_tasks(["bright", "compress"])
+    with pytest.raises(ValueError, match="teachers is empty"):
+        student({})
+    build_embedded_model(resolution=16, block_channels=(16, 32), text_hidden=32).save_pretrained(tmp_path / "big")
+    with pytest.raises(ValueError, match=r"teachers\['big'\] does not match the student.*sample_shape"):
+        student({"big": str(tmp_path / "big")})
+    build_embedded_model(**TINY, family="vp").save_pretrained(tmp_path / "vp")
+    with pytest.raises(ValueError, match=r"teachers\['vp'\] does not match.*schedule vp"):
+        student({"vp": str(tmp_path / "vp")})
