@@ -170,9 +170,10 @@ def test_image_datamodule_hf_dataset(tmp_path, monkeypatch):
             ImageDataModule(str(saved)).setup()
         return
     imgs = [Image.fromarray(np.full((6, 6), v, dtype=np.uint8)) for v in (0, 255, 0, 255)]
-    ds = datasets.Dataset.from_dict({"img": imgs, "cap": ["a", "b", "c", "d"], "y": [0, 1, 0, 1]},
-                                    features=datasets.Features({"img": datasets.Image(), "cap": datasets.Value("string"),
-                                                                "y": datasets.Value("int64")}))
+    features = datasets.Features(
+        {"img": datasets.Image(), "cap": datasets.Value("string"), "y": datasets.Value("int64")}
+    )
+    ds = datasets.Dataset.from_dict({"img": imgs, "cap": ["a", "b", "c", "d"], "y": [0, 1, 0, 1]}, features=features)
     ds.save_to_disk(str(saved))
     dm = ImageDataModule(str(saved), resolution=4, image_column="img", caption_column="cap", label_column="y",
                          val_fraction=0.5, batch_size=2)
@@ -229,7 +230,8 @@ def test_read_prompt_files(tmp_path):
 
 def test_prompt_file_errors(tmp_path):
     jl = tmp_path / "bad.jsonl"
-    jl.write_text(json.dumps({"prompt": "ok", "task": "t"}) + "\n" + json.dumps({"text": "no prompt", "task": "t"}) + "\n")
+    good, bad = {"prompt": "ok", "task": "t"}, {"text": "no prompt", "task": "t"}
+    jl.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'prompt'"):
         read_prompt_file(jl)
     jl.write_text(json.dumps({"prompt": "no task"}) + "\n")

@@ -130,14 +130,17 @@ class FIDCallback(L.Callback):
 
     def _feature_net(self, resolution: int, device) -> nn.Module:
         if self._extractor is None:
-            if self.features == "inception":
-                self._extractor = InceptionFeatures(self.inception_weights)
-            elif self.features == "classifier":
-                self._extractor = ClassifierFeatures(resolution, str(self.cache_dir))
-            else:
-                self._extractor = self.features
+            with torch.enable_grad():  # the digit classifier is trained on first use
+                self._extractor = self._build_feature_net(resolution)
             self._extractor.eval().requires_grad_(False)
         return self._extractor.to(device)
+
+    def _build_feature_net(self, resolution: int) -> nn.Module:
+        if self.features == "inception":
+            return InceptionFeatures(self.inception_weights)
+        if self.features == "classifier":
+            return ClassifierFeatures(resolution, str(self.cache_dir))
+        return self.features
 
     def _cache_key(self, source: str, resolution: int, channels: int, count: int) -> str:
         if self.features == "inception":

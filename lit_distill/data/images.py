@@ -14,7 +14,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lit_distill.data.embedded import EMBEDDED_SOURCES, caption_for, label_from_name, load_embedded_digits, split_indices
+from lit_distill.data.embedded import (
+    EMBEDDED_SOURCES,
+    caption_for,
+    label_from_name,
+    load_embedded_digits,
+    split_indices,
+)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _HF_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
@@ -88,6 +94,18 @@ class _Subset(Dataset):
         return self.base[int(self.indices[i % len(self.indices)])]
 
 
+class _HFItems:
+    """``(image, caption, label)`` of row i of a HF dataset (a class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, ds, image_column: str, caption_column: str | None, labels: np.ndarray):
+        self.ds, self.image_column, self.caption_column, self.labels = ds, image_column, caption_column, labels
+
+    def __call__(self, i: int) -> tuple:
+        row = self.ds[int(i)]
+        caption = str(row[self.caption_column]) if self.caption_column else ""
+        return row[self.image_column], caption, int(self.labels[i])
+
+
 def scan_image_folder(folder: Path) -> list[tuple[Path, str, int]]:
     """``(path, caption, label)`` of every image under ``folder`` (recursive, sorted by path).
 
@@ -115,7 +133,10 @@ def scan_image_folder(folder: Path) -> list[tuple[Path, str, int]]:
     out = []
     for p in files:
         txt = p.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else table.get(str(p.relative_to(folder)), "")
+        if txt.is_file():
+            caption = txt.read_text(encoding="utf-8").strip()
+        else:
+            caption = table.get(str(p.relative_to(folder)), "")
         label = label_from_name(p.parent.name) if p.parent != folder else -1
         out.append((p, caption, label))
     return out
@@ -198,15 +219,11 @@ class ImageDataModule(L.LightningDataModule):
         for field, col in checks:
             if col is not None and col not in cols:
                 raise ValueError(f"{field}: column {col!r} is not in the dataset at {self.source!r}; columns: {cols}")
-        has_caption = self.caption_column in cols
         labels = (np.asarray(ds[self.label_column], dtype=np.int64) if self.label_column
                   else np.full(len(ds), -1, dtype=np.int64))
-
-        def item(i: int) -> tuple:
-            row = ds[int(i)]
-            return row[self.image_column], str(row[self.caption_column]) if has_caption else "", int(labels[i])
-
-        return LazyImageDataset(item, len(ds), self.channels, self.resolution), labels
+        caption = self.caption_column if self.caption_column in cols else None
+        items = _HFItems(ds, self.image_column, caption, labels)
+        return LazyImageDataset(items, len(ds), self.channels, self.resolution), labels
 
     def _hf(self, path: Path) -> tuple[tuple[Dataset, np.ndarray], tuple[Dataset, np.ndarray] | None]:
         try:

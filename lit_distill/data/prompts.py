@@ -99,7 +99,8 @@ def read_prompt_file(path: str | Path, default_task: str | None = None) -> list[
         for row in reader:
             if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
                 continue
-            extra = {k: _csv_value(v) for k, v in row.items() if k not in ("prompt", "task") and k and v not in (None, "")}
+            extra = {k: _csv_value(v) for k, v in row.items()
+                     if k and k not in ("prompt", "task") and v not in (None, "")}
             clean = {"prompt": row.get("prompt"), "task": row.get("task") or None, **extra}
             rows.append(_check_row(clean, path, reader.line_num, default_task))
     if not rows:

@@ -142,5 +142,23 @@ class OnPolicyModule(DistillModule):
         self.model.train(was_training)
         return self.model.decode(x)
 
+    def export(self, path) -> None:
+        """Write the trained model as a diffusers-style directory loadable by ``load_model(path)``
+        (LoRA merged into a copy) and, when training LoRA, the adapter alone under ``path/lora`` in the
+        diffusers format (``pipe.load_lora_weights(path/"lora")``)."""
+        import copy
+        from pathlib import Path
+
+        from ..models.lora import merge_lora, save_lora
+
+        path = Path(path)
+        if self.hparams.get("lora_rank", 0) > 0:
+            merged = copy.deepcopy(self.model)
+            merged.net = merge_lora(merged.net)
+            merged.save_pretrained(path)
+            save_lora(self.model.net, path / "lora")  # save_pretrained replaces the directory
+        else:
+            self.model.save_pretrained(path)
+
     def configure_optimizers(self):
         return self.make_optimizer(self.model.net.parameters())

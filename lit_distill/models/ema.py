@@ -52,11 +52,12 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """One EMA step towards `model`'s current weights (no host sync: `torch._foreach_lerp_`)."""
+        """One EMA step towards `model`'s current weights (`torch._foreach_lerp_`, a python-float weight: no host
+        sync while the shadow lives on the model's device)."""
         params, buffers = self._targets(model)
         shadow = self._shadow("p", self.param_names)
         if shadow:
-            src = [p.detach().to(s.dtype) for p, s in zip(params, shadow)]
+            src = [p.detach().to(device=s.device, dtype=s.dtype) for p, s in zip(params, shadow)]
             torch._foreach_lerp_(shadow, src, 1.0 - self.current_decay())
         for s, b in zip(self._shadow("b", self.buffer_names), buffers):
             s.copy_(b)

@@ -75,7 +75,9 @@ def check_images(
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor [B, C, H, W], got {type(images).__name__}")
     if images.dim() != 4:
-        raise ValueError(f"{name}: expected shape [B, C, H, W], got {tuple(images.shape)}; add a batch dim with .unsqueeze(0)")
+        raise ValueError(
+            f"{name}: expected shape [B, C, H, W], got {tuple(images.shape)}; add a batch dim with .unsqueeze(0)"
+        )
     if not images.is_floating_point():
         raise ValueError(
             f"{name}: expected a float tensor in [-1, 1], got dtype {images.dtype}; "
@@ -86,7 +88,8 @@ def check_images(
     if size is not None:
         hw = (size, size) if isinstance(size, int) else tuple(size)
         if tuple(images.shape[-2:]) != tuple(hw):
-            raise ValueError(f"{name}: expected spatial size {tuple(hw)}, got {tuple(images.shape[-2:])}; resize the images")
+            got = tuple(images.shape[-2:])
+            raise ValueError(f"{name}: expected spatial size {tuple(hw)}, got {got}; resize the images")
     if images.numel():
         lo, hi = float(images.min()), float(images.max())
         if lo < -1 - atol or hi > 1 + atol or lo != lo or hi != hi:
