@@ -50,6 +50,7 @@ def ensure_embedded_base(resolution: int = 16, family: str = "flow", cache_dir: 
                          progress: bool = True) -> Path:
     """The pretrained embedded base model's directory, training it on the embedded digits first if it
     is not cached yet (``DiffusionPretrain`` by flow matching / DSM, EMA weights exported)."""
+    from .callbacks.export import ExportCallback
     from .data import ImageDataModule
     from .methods import DiffusionPretrain
 
@@ -58,10 +59,9 @@ def ensure_embedded_base(resolution: int = 16, family: str = "flow", cache_dir: 
         return path
     print(f"[lit-distill] training the embedded base model ({max_steps} steps) -> {path}")
     L.seed_everything(seed, verbose=False)
-    module = DiffusionPretrain("embedded", {"resolution": resolution, "family": family}, lr=lr,
-                               export_dir=str(path), seed=seed)
+    module = DiffusionPretrain("embedded", {"resolution": resolution, "family": family}, lr=lr, seed=seed)
     data = ImageDataModule("embedded:digits", resolution=resolution, batch_size=batch_size, seed=seed)
-    trainer(max_steps, path.parent / f"{path.name}.logs", progress=progress).fit(module, data)
+    trainer(max_steps, path.parent / f"{path.name}.logs", [ExportCallback(str(path))], progress=progress).fit(module, data)
     return path
 
 

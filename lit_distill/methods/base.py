@@ -93,6 +93,12 @@ class DistillModule(L.LightningModule):
         self.nonfinite_skipped = checkpoint.get("nonfinite_skipped", 0)
 
 
+def module_args(**kwargs) -> list[str]:
+    """Names of the arguments given as ``nn.Module`` objects (a model or reward passed in Python rather
+    than by name): they are kept out of ``hparams`` and checkpoints' hyper-parameters."""
+    return [name for name, value in kwargs.items() if isinstance(value, nn.Module)]
+
+
 def check_positive(**values: float) -> None:
     """Raise a ValueError naming the first argument that is not > 0."""
     for name, v in values.items():

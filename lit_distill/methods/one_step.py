@@ -56,7 +56,8 @@ def reinitialize(net: nn.Module, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fresh = type(net).from_config(net.config)
-    return fresh.to(dtype=next(net.parameters()).dtype)
+    dtype = next(net.parameters()).dtype
+    return fresh if next(fresh.parameters()).dtype == dtype else fresh.to(dtype=dtype)
 
 
 def trainable_copy(model: DiffusionModel, init: str = "teacher", seed: int = 0) -> DiffusionModel:

@@ -11,6 +11,7 @@ from ..diffusion import Trajectory
 from ..losses import per_step_kl
 from ..models.diffusion_model import DiffusionModel
 from ..models.sources import load_model
+from .base import module_args
 from .on_policy import OnPolicyModule
 
 
@@ -52,7 +53,7 @@ class OPDStudent(OnPolicyModule):
                          sde_steps=sde_steps, guidance_scale=guidance_scale, eval_steps=eval_steps, seed=seed,
                          lr=lr, weight_decay=weight_decay, nan_policy=nan_policy, compile=compile,
                          gradient_checkpointing=gradient_checkpointing)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=module_args(model=model))
         self.automatic_optimization = False
         if not teachers:
             raise ValueError("teachers is empty: give {task: model source} for every task of the prompt set")

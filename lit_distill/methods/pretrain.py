@@ -10,7 +10,7 @@ import torch
 from ..losses import denoising_loss
 from ..models.ema import EMA
 from ..models.sources import load_model
-from .base import DistillModule
+from .base import DistillModule, module_args
 
 
 class DiffusionPretrain(DistillModule):
@@ -25,7 +25,6 @@ class DiffusionPretrain(DistillModule):
         caption_dropout: probability of training on the empty prompt (enables classifier-free guidance).
         train_text_encoder: also train the prompt encoder (the embedded one starts from random weights).
         ema_decay: EMA of the trained weights; the EMA weights are evaluated and exported.
-        export_dir: where ``on_train_end`` writes the EMA model with ``save_pretrained`` (None: nowhere).
     Batches: ``{"image": [B, C, H, W] in [-1, 1], "caption": list[str], ...}`` (``ImageDataModule``).
     """
 
@@ -33,11 +32,11 @@ class DiffusionPretrain(DistillModule):
 
     def __init__(self, model: str = "embedded", model_kwargs: Optional[dict] = None, *, lr: float = 1e-3,
                  weight_decay: float = 0.0, caption_dropout: float = 0.1, train_text_encoder: bool = True,
-                 ema_decay: float = 0.999, export_dir: Optional[str] = None, nan_policy: str = "raise",
+                 ema_decay: float = 0.999, nan_policy: str = "raise",
                  compile: bool = False, gradient_checkpointing: bool = False, seed: int = 0):
         super().__init__(lr=lr, weight_decay=weight_decay, nan_policy=nan_policy, compile=compile,
                          gradient_checkpointing=gradient_checkpointing)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=module_args(model=model))
         self.model = load_model(model, **(model_kwargs or {}))
         self.prepare_network(self.model.net)
         if self.model.vae is not None:
@@ -78,7 +77,7 @@ class DiffusionPretrain(DistillModule):
     def configure_optimizers(self):
         return self.make_optimizer(self.model.parameters())
 
-    def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            with self.ema.swap(self.model):
-                self.model.save_pretrained(Path(self.hparams.export_dir))
+    def export(self, path) -> None:
+        """Write the EMA weights as a diffusers-style directory (``load_model(path)`` reads it back)."""
+        with self.ema.swap(self.model):
+            self.model.save_pretrained(Path(path))

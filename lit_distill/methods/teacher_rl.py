@@ -12,6 +12,7 @@ from ..diffusion import gaussian_kl, gaussian_log_prob
 from ..losses import RunningNormalizer, group_advantages, ppo_clip_loss
 from ..models.lora import lora_disabled
 from ..rewards import build_reward, validate_rewards
+from .base import module_args
 from .on_policy import OnPolicyModule, metadata_of, repeat_rows
 
 
@@ -55,7 +56,7 @@ class TeacherRL(OnPolicyModule):
                          sde_steps=sde_steps, guidance_scale=guidance_scale, eval_steps=eval_steps, seed=seed,
                          lr=lr, weight_decay=weight_decay, nan_policy=nan_policy, compile=compile,
                          gradient_checkpointing=gradient_checkpointing)
-        self.save_hyperparameters(ignore=["reward"] if not isinstance(reward, (str, dict)) else None)
+        self.save_hyperparameters(ignore=module_args(model=model, reward=reward))
         self.automatic_optimization = False
         if advantage not in ("group", "running"):
             raise ValueError(f"advantage={advantage!r}: choose 'group' (GRPO) or 'running' (DDPO)")

@@ -12,13 +12,16 @@ SOURCES_HELP = ("'embedded' (a fresh tiny text-conditional model built from conf
                 "text_encoder/ and tokenizer/)")
 
 
-def load_model(source: str = "embedded", **kwargs) -> DiffusionModel:
+def load_model(source: "str | DiffusionModel" = "embedded", **kwargs) -> DiffusionModel:
     """Build or load a :class:`DiffusionModel`.
 
-    ``source`` is one of {help}. ``kwargs`` go to ``build_embedded_model`` for ``"embedded"``, to
+    ``source`` is a ``DiffusionModel`` (returned as is: for notebooks and programmatic use) or one of
+    {help}. ``kwargs`` go to ``build_embedded_model`` for ``"embedded"``, to
     ``ensure_embedded_base`` for ``"embedded:base"`` and to ``DiffusionModel.from_pretrained`` for a
     directory.
     """
+    if isinstance(source, DiffusionModel):
+        return source
     if source == "embedded":
         return build_embedded_model(**kwargs)
     if source == "embedded:base":
