@@ -65,6 +65,68 @@ def ensure_embedded_base(resolution: int = 16, family: str = "flow", cache_dir: 
     return path
 
 
+def split_prompts(out: Path, tasks: list[str], val_fraction: float = 0.2, seed: int = 0) -> dict[str, Path]:
+    """Split the embedded multi-task prompt set once into training prompts per task and one held-out
+    evaluation set, written as JSONL under ``out/prompts`` (every stage reads the same files)."""
+    from .data import PromptDataModule
+
+    dm = PromptDataModule("embedded:digits_multitask", tasks=tasks, val_fraction=val_fraction, seed=seed)
+    dm.setup("fit")
+    files = {"eval": dm.val_rows, "multitask": dm.train_rows}
+    files.update({task: [r for r in dm.train_rows if r["task"] == task] for task in tasks})
+    (out / "prompts").mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, rows in files.items():
+        paths[name] = out / "prompts" / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def fit_stage(module, prompts: Path, eval_prompts: Path, max_steps: int, out: Path, name: str,
+              batch_size: int = 4, every_n_steps: int = 0, samples_per_prompt: int = 2, progress: bool = True):
+    """Fit an on-policy module (TeacherRL / OPDStudent) on a prompt file, evaluating every task's reward
+    on the held-out prompts before, during (every ``every_n_steps``) and after training; exports the model
+    to ``out/name/model``. Returns ``(reward history, seconds, images_per_s)``."""
+    from .callbacks.export import ExportCallback
+    from .callbacks.reward import RewardCallback
+    from .data import PromptDataModule
+
+    data = PromptDataModule(str(prompts), batch_size=batch_size, val_fraction=0.0, repeat=1000)
+    evaluation = RewardCallback(str(eval_prompts), reward=PER_TASK_REWARD, num_prompts=None,
+                                samples_per_prompt=samples_per_prompt, every_n_steps=every_n_steps,
+                                output_dir=str(out / name / "grids"), save_best=False)
+    timer = _Throughput()
+    start = time.time()
+    trainer(max_steps, out / name, [evaluation, timer, ExportCallback(str(out / name / "model"))],
+            progress=progress).fit(module, data)
+    return evaluation.history, time.time() - start, timer.images_per_s
+
+
+class _Throughput(L.Callback):
+    """Images generated per second of training (rollout samples / time in training steps)."""
+
+    def __init__(self):
+        self.images, self.seconds, self._t = 0, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        self.seconds += time.perf_counter() - self._t
+        per_prompt = module.hparams.get("group_size") or module.hparams.get("rollouts_per_prompt") or 1
+        self.images += len(batch["prompt"]) * per_prompt
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def rewards_of(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k != "step"}
+
+
 @dataclass
 class QuickstartConfig:
     out_dir: str = "outputs/quickstart"
@@ -82,27 +144,9 @@ class QuickstartConfig:
     tasks: list = field(default_factory=lambda: list(TASK_REWARDS))
 
 
-def train_teacher(task: str, base: Path, cfg: QuickstartConfig, out: Path):
-    """TeacherRL on one task's prompts; returns (exported dir, RewardCallback history)."""
-    from .callbacks.reward import RewardCallback
-    from .data import PromptDataModule
-    from .methods import TeacherRL
-
-    module = TeacherRL(str(base), TASK_REWARDS[task], num_steps=cfg.num_steps, group_size=cfg.group_size,
-                       lr=1e-4, minibatch_size=64, seed=cfg.seed)
-    data = PromptDataModule(f"embedded:digits_{task}", batch_size=cfg.prompts_per_step, seed=cfg.seed, repeat=50)
-    evaluation = RewardCallback("embedded:digits_multitask", reward=PER_TASK_REWARD, num_prompts=None,
-                                every_n_steps=0, output_dir=str(out / "grids" / f"teacher_{task}"), save_best=False)
-    trainer(cfg.teacher_steps, out / f"teacher_{task}", [evaluation]).fit(module, data)
-    module.export(out / "teachers" / task)
-    return out / "teachers" / task, evaluation.history
-
-
 def quickstart(cfg: QuickstartConfig) -> dict:
     """Run the whole embedded chain and return (and write) the summary."""
-    from .callbacks.reward import RewardCallback
-    from .data import PromptDataModule
-    from .methods import OPDStudent
+    from .methods import OPDStudent, TeacherRL
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,29 +154,25 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     start = time.time()
     base = ensure_embedded_base(cfg.resolution, cfg.family, cfg.cache_dir, cfg.pretrain_steps, seed=cfg.seed)
     timings["base"] = time.time() - start
+    prompts = split_prompts(out, cfg.tasks, seed=cfg.seed)
 
     teachers = {}
     for task in cfg.tasks:
-        start = time.time()
-        teachers[task], history = train_teacher(task, base, cfg, out)
-        rewards["base"] = {k: v for k, v in history[0].items() if k != "step"}
-        rewards[f"teacher/{task}"] = {k: v for k, v in history[-1].items() if k != "step"}
-        timings[f"teacher/{task}"] = time.time() - start
+        module = TeacherRL(str(base), TASK_REWARDS[task], num_steps=cfg.num_steps, group_size=cfg.group_size,
+                           lr=1e-4, minibatch_size=64, seed=cfg.seed)
+        history, timings[f"teacher/{task}"], _ = fit_stage(module, prompts[task], prompts["eval"], cfg.teacher_steps,
+                                                           out, f"teacher_{task}", cfg.prompts_per_step)
+        rewards["base"], rewards[f"teacher/{task}"] = rewards_of(history[0]), rewards_of(history[-1])
+        teachers[task] = str(out / f"teacher_{task}" / "model")
 
-    start = time.time()
-    student = OPDStudent(str(base), {t: str(p) for t, p in teachers.items()}, num_steps=cfg.num_steps,
-                         rollouts_per_prompt=cfg.group_size, lr=1e-4, seed=cfg.seed)
-    data = PromptDataModule("embedded:digits_multitask", batch_size=cfg.prompts_per_step, seed=cfg.seed, repeat=20,
-                            tasks=list(cfg.tasks))
-    evaluation = RewardCallback("embedded:digits_multitask", reward=PER_TASK_REWARD, num_prompts=None,
-                                every_n_steps=0, output_dir=str(out / "grids" / "opd"), save_best=False)
-    trainer(cfg.opd_steps, out / "opd", [evaluation]).fit(student, data)
-    student.export(out / "opd_student")
-    rewards["opd"] = {k: v for k, v in evaluation.history[-1].items() if k != "step"}
-    timings["opd"] = time.time() - start
+    student = OPDStudent(str(base), teachers, num_steps=cfg.num_steps, rollouts_per_prompt=cfg.group_size,
+                         lr=1e-4, seed=cfg.seed)
+    history, timings["opd"], _ = fit_stage(student, prompts["multitask"], prompts["eval"], cfg.opd_steps, out,
+                                           "opd", cfg.prompts_per_step)
+    rewards["opd"] = rewards_of(history[-1])
 
     summary = {"config": asdict(cfg), "rewards": rewards, "seconds": timings,
-               "grids": sorted(str(p) for p in (out / "grids").rglob("*.png"))}
+               "grids": sorted(str(p) for p in out.rglob("grids/*.png"))}
     one_step = run_one_step(base, cfg, out)
     if one_step is not None:
         summary["one_step"], timings["one_step"] = one_step
@@ -152,7 +192,7 @@ def run_one_step(base: Path, cfg: QuickstartConfig, out: Path):
     fid = FIDCallback(every_n_steps=max(1, cfg.one_step_steps // 3), num_samples=500, features="classifier")
     data = ImageDataModule("embedded:digits", resolution=cfg.resolution, batch_size=32, seed=cfg.seed)
     trainer(cfg.one_step_steps, out / "one_step", [fid]).fit(module, data)
-    module.export_generator(out / "one_step_generator")
+    module.export(out / "one_step_generator")
     return {"fid_classifier": getattr(fid, "history", None)}, time.time() - start
 
 

@@ -20,9 +20,11 @@ class RewardCallback(L.Callback):
     a PNG grid, and keep the best checkpoint by mean reward over tasks.
 
     Args:
-        prompts: a prompt file or ``embedded:NAME`` set (rows with ``prompt`` and ``task``).
+        prompts: a prompt file or ``embedded:NAME`` set, or a list of rows (dicts with ``prompt``, ``task``
+            and metadata such as ``digit``), e.g. a PromptDataModule's held-out ``val_rows``.
         reward: a reward spec (see ``lit_distill.rewards.build_reward``); None: the module's ``reward``.
         num_prompts: evaluate the first N rows (None: all).
+        samples_per_prompt: images drawn per prompt (more: a less noisy estimate).
         every_n_steps: evaluation period in optimiser steps (0: only at the end).
         seed: seed of the evaluation noise (the same images are drawn each time for the same weights).
         output_dir: where grids and ``best.ckpt`` go (default: the trainer's log dir / ``reward_eval``).
@@ -31,11 +33,13 @@ class RewardCallback(L.Callback):
     ``history`` holds ``{"step": k, "reward": mean, "<task>": mean, ...}`` for every evaluation.
     """
 
-    def __init__(self, prompts: str = "embedded:digits_multitask", reward: Union[str, dict, Any, None] = None,
-                 num_prompts: Optional[int] = 30, every_n_steps: int = 50, seed: int = 0,
+    def __init__(self, prompts: Union[str, list] = "embedded:digits_multitask",
+                 reward: Union[str, dict, Any, None] = None, num_prompts: Optional[int] = 30,
+                 samples_per_prompt: int = 1, every_n_steps: int = 50, seed: int = 0,
                  output_dir: Optional[str] = None, save_best: bool = True, batch_size: int = 64):
-        rows = read_prompt_file(prompts)
-        self.rows = rows[:num_prompts] if num_prompts else rows
+        rows = read_prompt_file(prompts) if isinstance(prompts, str) else list(prompts)
+        rows = rows[:num_prompts] if num_prompts else rows
+        self.rows = [row for row in rows for _ in range(samples_per_prompt)]
         self.reward = build_reward(reward) if reward is not None else None
         self.every_n_steps, self.seed, self.save_best, self.batch_size = every_n_steps, seed, save_best, batch_size
         self.output_dir = Path(output_dir) if output_dir else None

@@ -26,6 +26,7 @@ from torch import Tensor
 from ..diffusion import expand_like, guided_prediction
 from ..losses.denoising import denoising_loss
 from ..losses.score_distillation import score_distillation_from_predictions
+from ..models.diffusion_model import DiffusionModel
 from .one_step import OneStepModule, trainable_copy
 
 SWITCH_RULES = ("fixed", "plateau")
@@ -55,7 +56,7 @@ class DisBackStudent(OneStepModule):
 
     method = "disback"
 
-    def __init__(self, teacher: str = "embedded:base", teacher_kwargs: Optional[dict] = None, *,
+    def __init__(self, teacher: str | DiffusionModel = "embedded:base", teacher_kwargs: Optional[dict] = None, *,
                  backtracking: bool = True, num_checkpoints: int = 4, degradation_interval: int = 100,
                  iterations_per_stage: int = 200, switch_rule: str = "fixed", plateau_patience: int = 50,
                  plateau_tol: float = 0.01, checkpoint_dir: Optional[str] = None, guidance_scale: float = 1.0,

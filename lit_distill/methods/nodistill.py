@@ -112,7 +112,7 @@ class NoDistillOneStep(OneStepModule):
 
     method = "nodistill"
 
-    def __init__(self, teacher: str = "embedded:base", teacher_kwargs: Optional[dict] = None, *,
+    def __init__(self, teacher: str | DiffusionModel = "embedded:base", teacher_kwargs: Optional[dict] = None, *,
                  divergence: str = "kl", classifier_init: str = "teacher", feature_layer: str = "mid_block",
                  head_channels: int = 128, weighting: str = "constant", **kwargs):
         super().__init__(teacher, teacher_kwargs, weighting=weighting, **kwargs)

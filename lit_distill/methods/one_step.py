@@ -31,7 +31,7 @@ from ..losses.score_distillation import WEIGHTINGS, score_weight
 from ..models.diffusion_model import DiffusionModel
 from ..models.ema import EMA
 from ..models.sources import load_model
-from .base import DistillModule, check_positive
+from .base import DistillModule, check_positive, module_args
 
 INITS = ("teacher", "random")
 
@@ -78,8 +78,9 @@ class OneStepModule(DistillModule):
     :meth:`auxiliary_loss`, :meth:`generator_loss` and :meth:`auxiliary_parameters`.
 
     Args:
-        teacher: where the teacher comes from (``load_model``): ``"embedded:base"``, ``"embedded"`` or a
-            diffusers-style directory. Its prompt encoder (and VAE) are frozen and shared by every copy.
+        teacher: where the teacher comes from (``load_model``): ``"embedded:base"``, ``"embedded"``, a
+            diffusers-style directory, or a ``DiffusionModel`` (kept out of ``hparams``). Its prompt encoder
+            (and VAE) are frozen and shared by every copy.
         teacher_kwargs: keyword arguments of ``load_model`` (e.g. ``resolution`` for ``"embedded"``).
         generator_init: ``"teacher"`` (the generator starts as a copy of the teacher's net) or ``"random"``.
         t_star: the model timestep the generator runs at (default: the noisiest training timestep).
@@ -91,7 +92,6 @@ class OneStepModule(DistillModule):
         ema_decay: EMA of the generator; evaluation, ``sample`` and ``export_generator`` use the EMA weights.
         eval_captions: prompts cycled by ``generate_eval_samples`` (default: "a handwritten <digit>" for 0..9
             when the model has a text encoder).
-        export_dir: ``on_train_end`` writes the EMA generator there (``export_generator``).
         seed: seed of random initialisations.
     Batches: ``{"caption": list[str], ...}`` (``ImageDataModule``) or ``{"prompt": list[str], ...}``
     (``PromptDataModule``); NoDistillOneStep also needs ``"image"``.
@@ -99,15 +99,14 @@ class OneStepModule(DistillModule):
 
     method = "one_step"
 
-    def __init__(self, teacher: str = "embedded:base", teacher_kwargs: Optional[dict] = None, *,
+    def __init__(self, teacher: str | DiffusionModel = "embedded:base", teacher_kwargs: Optional[dict] = None, *,
                  generator_init: str = "teacher", t_star: Optional[float] = None, lr: float = 1e-4,
                  aux_lr: Optional[float] = None, weight_decay: float = 0.0, aux_updates_per_generator_update: int = 1,
                  t_min: float = 0.02, t_max: float = 0.98, weighting: str = "x0", max_grad_norm: Optional[float] = 10.0,
-                 ema_decay: float = 0.99, eval_captions: Optional[list[str]] = None, export_dir: Optional[str] = None,
-                 seed: int = 0, nan_policy: str = "raise", compile: bool = False, gradient_checkpointing: bool = False):
+                 ema_decay: float = 0.99, eval_captions: Optional[list[str]] = None, seed: int = 0, nan_policy: str = "raise", compile: bool = False, gradient_checkpointing: bool = False):
         super().__init__(lr=lr, weight_decay=weight_decay, nan_policy=nan_policy, compile=compile,
                          gradient_checkpointing=gradient_checkpointing)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=module_args(teacher=teacher))
         self.automatic_optimization = False
         if not 0.0 <= t_min < t_max <= 1.0:
             raise ValueError(f"t_min={t_min}, t_max={t_max}: need 0 <= t_min < t_max <= 1")
@@ -295,13 +294,14 @@ class OneStepModule(DistillModule):
         return self.sample(n, generator=generator)
 
     def export_generator(self, path: str | Path) -> Path:
-        """Write the EMA generator's model with ``save_pretrained`` plus ``one_step.json`` (its ``t_star``)."""
+        """Write the EMA generator's model with ``save_pretrained`` plus ``one_step.json`` (its ``t_star``):
+        ``load_model(path)`` reads it back; one step is ``OneStepGenerator(model, model.schedule, t_star)``."""
         path = Path(path)
         with self.ema.swap(self.generator):
             self.model.save_pretrained(path)
         (path / "one_step.json").write_text(json.dumps({"t_star": self.generator.t_star, "method": self.method}))
         return path
 
-    def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.export_generator(self.hparams.export_dir)
+    def export(self, path: str | Path) -> Path:
+        """``ExportCallback``'s hook: :meth:`export_generator`."""
+        return self.export_generator(path)

@@ -1,0 +1,114 @@
+"""Shared by the benchmark scripts: the results file (schema: shared/design/RESULTS.md), the tables
+in docs/benchmarks.md, and figures."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("LIT_DISTILL_COMMIT", "unknown")
+
+
+def write_results(name: str, figures: dict, out: str | os.PathLike | None = None, merge: bool = False) -> Path:
+    """Write ``benchmarks/results/NAME.json`` with command, device, date, commit and ``figures``
+    (``merge=True`` updates the figures of an existing file instead of replacing them)."""
+    path = Path(out or ROOT / "benchmarks" / "results" / f"{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if merge and path.is_file():
+        figures = {**json.loads(path.read_text()).get("figures", {}), **figures}
+    record = {"benchmark": name, "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+              "device": device_name(), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "commit": git_commit(), "figures": figures}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"[{name}] wrote {path}")
+    return path
+
+
+def update_docs_table(name: str, header: list[str], rows: list[list], results: str | os.PathLike,
+                      doc: str | os.PathLike = ROOT / "docs" / "benchmarks.md", note: str = "") -> None:
+    """Replace the section between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of the benchmarks
+    page with a markdown table stamped with the command, device, date and commit of ``results``."""
+    record = json.loads(Path(results).read_text())
+    lines = [f"<!-- {name}:start -->",
+             f"`{record['command']}` on **{record['device']}**, {record['date']}, commit `{record['commit'][:12]}`"
+             + (f". {note}" if note else ""), "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines.append(f"<!-- {name}:end -->")
+    doc = Path(doc)
+    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start in text and end in text:
+        text = text[:text.index(start)] + "\n".join(lines) + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + f"\n\n## {name}\n\n" + "\n".join(lines) + "\n"
+    doc.write_text(text)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(curves: dict[str, list], path: str, xlabel: str, ylabel: str, hline: float | None = None,
+                logy: bool = False) -> None:
+    """Line plot of ``{label: [[x, y], ...]}`` saved as a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    for label, points in curves.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", ms=3, label=label)
+    if hline is not None:
+        ax.axhline(hline, color="grey", ls="--", lw=1, label="max")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_bars(systems: dict[str, dict], tasks: list[str], path: str, ylabel: str) -> None:
+    """One panel per task, a bar per system (rewards have different scales per task)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.3 * len(tasks), 3.4), dpi=120)
+    for ax, task in zip(axes if len(tasks) > 1 else [axes], tasks):
+        names = list(systems)
+        values = [systems[s][task] for s in names]
+        ax.bar(range(len(names)), values, color=["#888"] + ["#4a7"] * (len(names) - 4) + ["#36c", "#c63", "#a5c"][: min(3, len(names) - 1)])
+        lo, hi = min(values), max(values)
+        ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_title(task, fontsize=9)
+    axes_list = axes if len(tasks) > 1 else [axes]
+    axes_list[0].set_ylabel(ylabel, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
