@@ -4,6 +4,7 @@ real-size SD-1.5 / SD3-medium denoiser configs (random weights) used by the GPU 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -93,7 +94,7 @@ def build_embedded_model(
     prediction_type: str | None = None,
     channels: int = 1,
     text_hidden: int = 64,
-    block_channels: tuple[int, ...] = (32, 64, 64),
+    block_channels: tuple[int, ...] = (16, 32, 64),
     attention_levels: tuple[bool, ...] | None = None,
     max_length: int = 16,
     vocabulary: list[str] | None = None,
@@ -105,6 +106,10 @@ def build_embedded_model(
     2-layer `CLIPTextModel` (width `text_hidden`) over a word tokenizer of `vocabulary` (default:
     `lit_distill.data.embedded.embedded_vocabulary()`). `attention_levels[i]` puts cross-attention in level i
     (default: all but the first, full-resolution level). Heads have 16 channels.
+
+    The default (16, 32, 64) has 1.06M denoiser parameters (+0.1M text encoder); trained with flow matching
+    on the 1797 scikit-learn digits (B=64, lr 1e-3, 10% caption dropout) it draws recognisable digits of the
+    prompted class after 500 steps (CFG 3, 30 Euler steps). `(32, 64, 64)` (1.69M) is about 1.8x slower.
     """
     if resolution % 2 ** (len(block_channels) - 1):
         raise ValueError(f"resolution={resolution} must be divisible by 2**{len(block_channels) - 1} "
@@ -118,7 +123,7 @@ def build_embedded_model(
     scheduler_config = embedded_scheduler_config(family, prediction_type)
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
-    groups = min(8, *block_channels)
+    groups = math.gcd(8, *block_channels)  # GroupNorm groups must divide every width
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = build_word_tokenizer(vocabulary, max_length=max_length)

@@ -355,8 +355,10 @@ def _load_component(root: Path, name: str, index_entry, torch_dtype):
     else:
         lib, cls_name = "transformers", config["architectures"][0]
     model_cls = getattr(importlib.import_module(lib), cls_name)
-    dtype_kw = {} if torch_dtype is None else ({"torch_dtype": torch_dtype} if lib == "diffusers" else {"dtype": torch_dtype})
-    return model_cls.from_pretrained(str(folder), **dtype_kw)
+    if torch_dtype is None:
+        return model_cls.from_pretrained(str(folder))
+    dtype_key = "torch_dtype" if lib == "diffusers" else "dtype"  # transformers 5 renamed it
+    return model_cls.from_pretrained(str(folder), **{dtype_key: torch_dtype})
 
 
 def _infer_sample_shape(net: nn.Module, root: Path) -> tuple[int, int, int]:

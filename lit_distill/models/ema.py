@@ -67,7 +67,8 @@ class EMA(nn.Module):
     def copy_to(self, model: nn.Module) -> None:
         """Write the shadow weights (and buffers) into `model`."""
         params, buffers = self._targets(model)
-        for dst, src in zip(params + buffers, self._shadow("p", self.param_names) + self._shadow("b", self.buffer_names)):
+        shadow = self._shadow("p", self.param_names) + self._shadow("b", self.buffer_names)
+        for dst, src in zip(params + buffers, shadow):
             dst.copy_(src)
 
     @contextmanager
