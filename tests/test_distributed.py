@@ -75,6 +75,7 @@ def launch(world: int, tmp_path: Path, **kwargs) -> list[dict]:
     """Run :func:`train_rl` in ``world`` processes (in this process when ``world == 1``); per-rank results."""
     if world == 1:
         return [train_rl(world=1, **kwargs)]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     mp.spawn(_worker, args=(world, free_port(), str(tmp_path), kwargs), nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
@@ -153,17 +154,23 @@ def test_ddp_ranks_hold_identical_weights_after_teacher_rl_steps(tmp_path):
     assert any(not torch.equal(ranks[0]["final"][k], ranks[0]["initial"][k]) for k in ranks[0]["final"])
 
 
-def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(tmp_path):
-    """fp32 on CPU: one process rolling out both virtual ranks' samples, two DDP ranks and two FSDP ranks
-    (DiffusionFSDPStrategy on gloo) reach the same weights and rewards after two steps."""
-    single = launch(1, tmp_path)[0]
-    ddp = launch(2, tmp_path / "ddp", strategy="ddp")
-    fsdp = launch(2, tmp_path / "fsdp", strategy="fsdp")
-    assert single["global_step"] == ddp[0]["global_step"] == fsdp[0]["global_step"] == 2
-    for run in (ddp, fsdp):
-        assert relative_difference(single["final"], run[0]["final"], single["initial"]) < 1e-4
-        assert relative_difference(run[0]["final"], run[1]["final"], single["initial"]) < 1e-6
-        assert run[0]["rewards"] == pytest.approx(single["rewards"], rel=1e-5, abs=1e-6)
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    return launch(1, tmp_path_factory.mktemp("single"))[0]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_with_the_same_global_batch(strategy, one_process, tmp_path):
+    """fp32 on CPU: one process rolling out both virtual ranks' samples and two ranks (DDP, or
+    DiffusionFSDPStrategy on gloo) reach the same rewards and weights after two steps. The weights agree to
+    ~4e-4 of the update, not to rounding: Adam's first steps divide each gradient element by its own size,
+    so the few elements whose gradient is ~0 turn summation-order rounding into up to +-lr (21 of 252k
+    elements differ by more than 1e-5, checked by hand); a new rollout seed moves the update by ~100%."""
+    single, ranks = one_process, launch(2, tmp_path, strategy=strategy)
+    assert single["global_step"] == ranks[0]["global_step"] == 2
+    assert relative_difference(ranks[0]["final"], ranks[1]["final"], single["initial"]) == 0.0
+    assert relative_difference(single["final"], ranks[0]["final"], single["initial"]) < 2e-3
+    assert ranks[0]["rewards"] == pytest.approx(single["rewards"], rel=1e-5, abs=1e-6)
 
 
 def test_fsdp_without_block_classes_names_the_model():
