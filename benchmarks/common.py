@@ -1,5 +1,13 @@
 """Shared by the benchmark scripts: the results file (schema: shared/design/RESULTS.md), the tables
-in docs/benchmarks.md, and figures."""
+in docs/benchmarks.md, and figures.
+
+``write_results`` writes ``benchmarks/results/NAME.json`` = ``{"benchmark", "command", "device", "date",
+"commit", "figures"}``; with ``merge=True`` the new figures are merged into the file's (dicts key by key,
+recursively; other values replaced), so parts of one benchmark measured by separate runs (one GPU, then
+two) end up in one file, and ``provenance[key]`` keeps the command, device, date and commit of the run that
+wrote each top-level key of ``figures``. ``update_markdown_section`` replaces the text between
+``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of docs/benchmarks.md; ``update_docs_table`` writes one
+table there stamped with its results file."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -21,6 +29,21 @@ def device_name() -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 with a ``Z`` (``2026-11-23T10:00:00Z``)."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def deep_merge(old, new):
+    """``new`` merged into ``old``: dicts key by key (recursively), anything else replaced by ``new``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = dict(old)
+        for key, value in new.items():
+            out[key] = deep_merge(old.get(key), value)
+        return out
+    return new
+
+
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -33,17 +56,46 @@ def git_commit() -> str:
 
 def write_results(name: str, figures: dict, out: str | os.PathLike | None = None, merge: bool = False) -> Path:
     """Write ``benchmarks/results/NAME.json`` with command, device, date, commit and ``figures``
-    (``merge=True`` updates the figures of an existing file instead of replacing them)."""
+    (``merge=True`` merges the figures into those of an existing file of the same benchmark, dicts key by
+    key, and records the run of each top-level key written under ``provenance``)."""
     path = Path(out or ROOT / "benchmarks" / "results" / f"{name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
+    run = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "device": device_name(),
+           "date": utc_now(), "commit": git_commit()}
+    record = {"benchmark": name, **run, "figures": figures}
     if merge and path.is_file():
-        figures = {**json.loads(path.read_text()).get("figures", {}), **figures}
-    record = {"benchmark": name, "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-              "device": device_name(), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-              "commit": git_commit(), "figures": figures}
-    path.write_text(json.dumps(record, indent=2) + "\n")
+        old = json.loads(path.read_text())
+        if old.get("benchmark") == name:
+            record["figures"] = deep_merge(old.get("figures", {}), figures)
+            record["provenance"] = deep_merge(old.get("provenance", {}), {key: run for key in figures})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
     print(f"[{name}] wrote {path}")
     return path
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """The lines of a markdown table; ``None`` cells print as an em dash."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("—" if c is None else str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def update_markdown_section(name: str, body: str, doc: str | os.PathLike = ROOT / "docs" / "benchmarks.md") -> Path:
+    """Replace the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of ``doc`` with ``body``;
+    without those markers, append a ``## NAME`` section holding them (the file is created if missing)."""
+    doc = Path(doc)
+    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + f"\n\n## {name}\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    return doc
 
 
 def update_docs_table(name: str, header: list[str], rows: list[list], results: str | os.PathLike,
@@ -51,20 +103,9 @@ def update_docs_table(name: str, header: list[str], rows: list[list], results: s
     """Replace the section between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of the benchmarks
     page with a markdown table stamped with the command, device, date and commit of ``results``."""
     record = json.loads(Path(results).read_text())
-    lines = [f"<!-- {name}:start -->",
-             f"`{record['command']}` on **{record['device']}**, {record['date']}, commit `{record['commit'][:12]}`"
-             + (f". {note}" if note else ""), "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    lines.append(f"<!-- {name}:end -->")
-    doc = Path(doc)
-    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    if start in text and end in text:
-        text = text[:text.index(start)] + "\n".join(lines) + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + f"\n\n## {name}\n\n" + "\n".join(lines) + "\n"
-    doc.write_text(text)
+    lines = [f"`{record['command']}` on **{record['device']}**, {record['date']}, commit `{record['commit'][:12]}`"
+             + (f". {note}" if note else ""), ""]
+    update_markdown_section(name, "\n".join(lines + markdown_table(header, rows)), doc)
 
 
 def _pyplot():

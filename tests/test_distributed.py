@@ -65,18 +65,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str, kwargs: dict) -> None:
+def _worker(rank: int, world: int, port: int, out: str, fn: str, kwargs: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
-    torch.save(train_rl(world=world, **kwargs), Path(out) / f"rank{rank}.pt")
+    torch.save(globals()[fn](world=world, **kwargs), Path(out) / f"rank{rank}.pt")
 
 
-def launch(world: int, tmp_path: Path, **kwargs) -> list[dict]:
-    """Run :func:`train_rl` in ``world`` processes (in this process when ``world == 1``); per-rank results."""
+def launch(world: int, tmp_path: Path, fn: str = "train_rl", **kwargs) -> list[dict]:
+    """Run ``fn`` (:func:`train_rl`) in ``world`` processes (in this process when ``world == 1``); the
+    per-rank results."""
     if world == 1:
-        return [train_rl(world=1, **kwargs)]
+        return [globals()[fn](world=1, **kwargs)]
     tmp_path.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), kwargs), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), fn, kwargs), nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
@@ -132,6 +133,22 @@ def train_rl(world: int, strategy: str = "ddp", accelerator: str = "cpu", precis
     trainer.fit(module, loader)
     return {"initial": initial, "final": full_net_state(module), "global_step": trainer.global_step,
             "rewards": record.rewards}
+
+
+def train_disback(world: int) -> dict:
+    """Four optimiser steps of Diff-Instruct (DisBack without backtracking) under DiffusionDDPStrategy."""
+    from lit_distill.data import ImageDataModule
+    from lit_distill.methods.disback import DisBackStudent
+
+    torch.manual_seed(0)
+    module = DisBackStudent("embedded", TINY, backtracking=False, lr=1e-3)
+    initial = {k: v.detach().clone() for k, v in module.named_parameters()}
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=DiffusionDDPStrategy(), max_steps=4, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    trainer.fit(module, ImageDataModule(resolution=8, batch_size=2))
+    return {"initial": initial, "final": {k: v.detach().clone() for k, v in module.named_parameters()},
+            "find_unused": trainer.strategy._ddp_kwargs.get("find_unused_parameters")}
 
 
 def relative_difference(a: dict, b: dict, initial: dict) -> float:
@@ -199,6 +216,16 @@ def test_fsdp_refuses_methods_it_cannot_shard_with_a_reason():
         DiffusionFSDPStrategy(frozen="offload")
     with pytest.raises(ValueError, match="block_classes"):
         DiffusionFSDPStrategy(auto_wrap_policy={torch.nn.Linear})
+
+
+def test_ddp_strategy_runs_one_step_methods_in_sync(tmp_path):
+    """DisBack updates its fake score and its generator in turn: DiffusionDDPStrategy turns on
+    find_unused_parameters for it (plain DDP stops with "parameters that were not used in producing the
+    loss"), and both ranks end with the same weights of both networks."""
+    ranks = launch(2, tmp_path, fn="train_disback")
+    assert ranks[0]["find_unused"] is True
+    assert all(torch.equal(ranks[0]["final"][k], ranks[1]["final"][k]) for k in ranks[0]["final"])
+    assert any(not torch.equal(ranks[0]["final"][k], ranks[0]["initial"][k]) for k in ranks[0]["final"])
 
 
 def test_ddp_strategy_finds_unused_parameters_only_for_one_step_methods():

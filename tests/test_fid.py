@@ -131,3 +131,24 @@ def test_fid_callback_logs_caches_and_decreases(tmp_path):
     again = FIDCallback(features=Pooled(), cache_dir=str(tmp_path))
     stats = again.reference_stats(trainer, torch.device("cpu"))
     assert torch.equal(stats.sum, FeatureStats.load(cached[0]).sum)
+
+
+def test_inception_features_load_from_the_given_file_only(tmp_path, monkeypatch):
+    """With a weights file, torchmetrics/torch-fidelity read that file: the URL loader is never called."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    from lit_distill.callbacks import InceptionFeatures
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to download the Inception weights")
+
+    # random weights of the right layout: build one extractor with load_state_dict disabled, save its state
+    with monkeypatch.context() as m:
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state, *a, **k: None)
+        weights = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    torch.save(weights, tmp_path / "inception.pth")
+    monkeypatch.setattr(fe, "load_state_dict_from_url", no_network)
+    FIDCallback(features="inception", inception_weights=str(tmp_path / "inception.pth"))  # path accepted
+    extractor = InceptionFeatures(tmp_path / "inception.pth")
+    assert extractor(torch.rand(2, 1, 8, 8) * 2 - 1).shape == (2, 2048)

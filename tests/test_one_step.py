@@ -4,7 +4,6 @@ import math
 import lightning as L
 import pytest
 import torch
-from torch.nn import functional as F
 
 from lit_distill.data import ImageDataModule
 from lit_distill.diffusion import from_x0_eps
@@ -217,3 +216,16 @@ def test_nodistill_classifier_is_truncated_backbone():
     assert logit.shape == (2,) and torch.all(logit == 0)  # zero-initialised last layer: ratio 1 at start
     with pytest.raises(ValueError, match="feature_layer"):
         NoDistillOneStep("embedded", TINY, feature_layer="nope")
+
+
+def test_disback_switch_rules():
+    module = DisBackStudent("embedded", TINY, switch_rule="plateau", plateau_patience=3, plateau_tol=0.1,
+                            iterations_per_stage=100)
+    assert module.should_advance(6, [1.0] * 6)  # no improvement over the last 3 updates
+    assert not module.should_advance(6, [2, 2, 2, 1, 1, 1])  # still improving
+    assert not module.should_advance(5, [1.0] * 5)  # too few updates to judge
+    assert module.should_advance(100, [])  # the cap
+    module.switch_rule = "fixed"
+    assert not module.should_advance(99, [1.0] * 6) and module.should_advance(100, [])
+    with pytest.raises(ValueError, match="switch_rule"):
+        DisBackStudent("embedded", TINY, switch_rule="sometimes")

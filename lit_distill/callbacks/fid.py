@@ -76,7 +76,8 @@ class FIDCallback(L.Callback):
     ``history``: list of ``{"step", "generator_updates", <name>}`` dicts (saved with the callback's state).
     """
 
-    def __init__(self, every_n_steps: int = 500, num_samples: int = 1000, features: Union[str, nn.Module] = "classifier",
+    def __init__(self, every_n_steps: int = 500, num_samples: int = 1000,
+                 features: Union[str, nn.Module] = "classifier",
                  inception_weights: Optional[str] = None, cache_dir: Optional[str] = None, batch_size: int = 250,
                  real_source: Optional[str] = None, resolution: Optional[int] = None, channels: Optional[int] = None,
                  max_real: Optional[int] = None, seed: int = 0, eval_at_start: bool = True, eval_at_end: bool = True):
@@ -87,7 +88,8 @@ class FIDCallback(L.Callback):
             if inception_weights is None:
                 raise FileNotFoundError(
                     "features='inception' needs inception_weights: the path of torch-fidelity's InceptionV3 weights "
-                    "(pt_inception-2015-12-05-6726825d.pth) on disk; nothing is downloaded. Or use features='classifier'.")
+                    "(pt_inception-2015-12-05-6726825d.pth) on disk; nothing is downloaded. Or use "
+                    "features='classifier'.")
             if not Path(inception_weights).expanduser().is_file():
                 raise FileNotFoundError(f"inception_weights={inception_weights!r} is not a file: give the path of "
                                         "torch-fidelity's InceptionV3 weights on disk (nothing is downloaded)")

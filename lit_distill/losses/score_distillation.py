@@ -60,7 +60,8 @@ def dmd_normalizer(x0: Tensor, x0_real: Tensor, eps: float = 1e-8) -> Tensor:
     return 1.0 / ((x0 - x0_real).detach().abs().flatten(1).mean(1) + eps)
 
 
-def score_distillation_loss(x_t: Tensor, score_fake: Tensor, score_real: Tensor, weight: Tensor | None = None) -> Tensor:
+def score_distillation_loss(x_t: Tensor, score_fake: Tensor, score_real: Tensor,
+                            weight: Tensor | None = None) -> Tensor:
     """Surrogate whose gradient is ``mean_b w_b (s_fake - s_real) . dx_t/dtheta``.
 
     Args:

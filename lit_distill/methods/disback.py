@@ -57,8 +57,8 @@ class DisBackStudent(OneStepModule):
     method = "disback"
 
     def __init__(self, teacher: str | DiffusionModel = "embedded:base", teacher_kwargs: Optional[dict] = None, *,
-                 backtracking: bool = True, num_checkpoints: int = 4, degradation_interval: int = 100,
-                 iterations_per_stage: int = 200, switch_rule: str = "fixed", plateau_patience: int = 50,
+                 backtracking: bool = True, num_checkpoints: int = 4, degradation_interval: int = 50,
+                 iterations_per_stage: int = 100, switch_rule: str = "fixed", plateau_patience: int = 50,
                  plateau_tol: float = 0.01, checkpoint_dir: Optional[str] = None, guidance_scale: float = 1.0,
                  normalize: bool = True, **kwargs):
         super().__init__(teacher, teacher_kwargs, **kwargs)
@@ -110,7 +110,8 @@ class DisBackStudent(OneStepModule):
             state = self.teacher.net.state_dict()
         else:
             entry = self.path[index - 1]
-            state = torch.load(entry, map_location="cpu", weights_only=True) if isinstance(entry, (str, Path)) else entry
+            on_disk = isinstance(entry, (str, Path))
+            state = torch.load(entry, map_location="cpu", weights_only=True) if on_disk else entry
         self.real_score.net.load_state_dict(state)
 
     def should_advance(self, stage_steps: int, mismatch_history: list[float]) -> bool:
@@ -180,7 +181,8 @@ class DisBackStudent(OneStepModule):
 
     def on_generator_update(self) -> None:
         self.stage_steps += 1
-        self.mismatch_history = (self.mismatch_history + [float(self._mismatch)])[-2 * self.plateau_patience:]
+        if self.switch_rule == "plateau":  # a host sync per update: only when the rule reads the history
+            self.mismatch_history = (self.mismatch_history + [float(self._mismatch)])[-2 * self.plateau_patience:]
 
     def generator_loss(self, batch: dict, captions: list[str], cond) -> Tensor:
         x0 = self.generate(captions, cond=cond)

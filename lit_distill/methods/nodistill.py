@@ -56,7 +56,8 @@ class DensityRatioClassifier(nn.Module):
                                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 1))
         elif features.ndim == 3:
             d = features.shape[-1]
-            self.head = nn.Sequential(nn.LayerNorm(d), _MeanTokens(), nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+            self.head = nn.Sequential(nn.LayerNorm(d), _MeanTokens(), nn.Linear(d, hidden), nn.SiLU(),
+                                      nn.Linear(hidden, 1))
         else:
             raise ValueError(f"feature_layer={feature_layer!r} gives features of shape {tuple(features.shape)}; "
                              "expected [B, C, h, w] or [B, N, D]")
@@ -106,7 +107,9 @@ class NoDistillOneStep(OneStepModule):
         classifier_init: the classifier backbone starts from the teacher's weights or from random ones.
         feature_layer: the backbone submodule whose output feeds the head (see :class:`DensityRatioClassifier`).
         head_channels: width of the classifier head.
-    ``weighting`` defaults to ``"constant"`` here (w = 1: the plain integral of the divergence over t).
+    ``weighting`` defaults to ``"constant"`` here (w = 1: the plain integral of the divergence over t), and
+    ``aux_updates_per_generator_update`` to 4: the generator's gradient is only as good as the classifier's
+    ratio estimate, and with one classifier update per generator update the generator diverged in our runs.
     Batches must hold real ``"image"`` s in ``[-1, 1]`` (``ImageDataModule``) besides the captions.
     """
 
@@ -114,8 +117,10 @@ class NoDistillOneStep(OneStepModule):
 
     def __init__(self, teacher: str | DiffusionModel = "embedded:base", teacher_kwargs: Optional[dict] = None, *,
                  divergence: str = "kl", classifier_init: str = "teacher", feature_layer: str = "mid_block",
-                 head_channels: int = 128, weighting: str = "constant", **kwargs):
-        super().__init__(teacher, teacher_kwargs, weighting=weighting, **kwargs)
+                 head_channels: int = 128, weighting: str = "constant", aux_updates_per_generator_update: int = 4,
+                 **kwargs):
+        super().__init__(teacher, teacher_kwargs, weighting=weighting,
+                         aux_updates_per_generator_update=aux_updates_per_generator_update, **kwargs)
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence={divergence!r}: choose one of {list(DIVERGENCES)}")
         self.divergence = divergence

@@ -10,7 +10,8 @@ Diff-Instruct, a density-ratio classifier for NoDistillOneStep). One training st
 
 Manual optimisation: ``trainer.global_step`` counts the optimiser steps of *both* networks (so
 ``max_steps`` too); ``generator_updates`` / ``auxiliary_updates`` count each (logged, checkpointed).
-Multi-GPU runs need ``strategy: ddp_find_unused_parameters_true`` (each backward uses one network only).
+Multi-GPU runs need DDP with ``find_unused_parameters`` (each backward uses one network only):
+``lit_distill.distributed.DiffusionDDPStrategy`` turns it on for these methods.
 
 Seams for subclasses and users: :meth:`sample_timesteps` (``p(t)`` on ``[t_min, t_max]``), :meth:`weight`
 (``w(t)``), :meth:`train_auxiliary_now` / :meth:`train_generator_now` (the update schedule).
@@ -100,10 +101,11 @@ class OneStepModule(DistillModule):
     method = "one_step"
 
     def __init__(self, teacher: str | DiffusionModel = "embedded:base", teacher_kwargs: Optional[dict] = None, *,
-                 generator_init: str = "teacher", t_star: Optional[float] = None, lr: float = 1e-4,
+                 generator_init: str = "teacher", t_star: Optional[float] = None, lr: float = 3e-5,
                  aux_lr: Optional[float] = None, weight_decay: float = 0.0, aux_updates_per_generator_update: int = 1,
                  t_min: float = 0.02, t_max: float = 0.98, weighting: str = "x0", max_grad_norm: Optional[float] = 10.0,
-                 ema_decay: float = 0.99, eval_captions: Optional[list[str]] = None, seed: int = 0, nan_policy: str = "raise", compile: bool = False, gradient_checkpointing: bool = False):
+                 ema_decay: float = 0.99, eval_captions: Optional[list[str]] = None, seed: int = 0,
+                 nan_policy: str = "raise", compile: bool = False, gradient_checkpointing: bool = False):
         super().__init__(lr=lr, weight_decay=weight_decay, nan_policy=nan_policy, compile=compile,
                          gradient_checkpointing=gradient_checkpointing)
         self.save_hyperparameters(ignore=module_args(teacher=teacher))

@@ -91,8 +91,9 @@ class OPDStudent(OnPolicyModule):
         for teacher in self.teachers.values():
             teacher.to(self.device)
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "tasks_present"):
-            self.check_tasks(datamodule.tasks_present())
+        tasks = getattr(datamodule, "tasks_present", None)
+        if tasks:
+            self.check_tasks(tasks)
 
     def teacher_means(self, traj: Trajectory, rows: Tensor, steps: Tensor, prompts: Sequence[str],
                       tasks: Sequence[str]) -> Tensor:
