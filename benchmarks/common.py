@@ -34,12 +34,13 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def deep_merge(old, new):
-    """``new`` merged into ``old``: dicts key by key (recursively), anything else replaced by ``new``."""
-    if isinstance(old, dict) and isinstance(new, dict):
+def deep_merge(old, new, depth: int | None = None):
+    """``new`` merged into ``old``: dicts key by key, down to ``depth`` levels of dicts (None: all the way),
+    anything else (and dicts below ``depth``) replaced by ``new``. ``depth=1`` replaces each top-level value."""
+    if isinstance(old, dict) and isinstance(new, dict) and depth != 0:
         out = dict(old)
         for key, value in new.items():
-            out[key] = deep_merge(old.get(key), value)
+            out[key] = deep_merge(old.get(key), value, None if depth is None else depth - 1)
         return out
     return new
 
@@ -54,10 +55,12 @@ def git_commit() -> str:
         return os.environ.get("LIT_DISTILL_COMMIT", "unknown")
 
 
-def write_results(name: str, figures: dict, out: str | os.PathLike | None = None, merge: bool = False) -> Path:
+def write_results(name: str, figures: dict, out: str | os.PathLike | None = None, merge: bool = False,
+                  merge_depth: int = 1) -> Path:
     """Write ``benchmarks/results/NAME.json`` with command, device, date, commit and ``figures``
-    (``merge=True`` merges the figures into those of an existing file of the same benchmark, dicts key by
-    key, and records the run of each top-level key written under ``provenance``)."""
+    (``merge=True`` merges the figures into those of an existing file of the same benchmark: each top-level
+    key is replaced with ``merge_depth=1``; ``merge_depth=2`` merges the dicts one level down too, e.g.
+    ``figures["methods"]`` method by method; the run that wrote each top-level key goes under ``provenance``)."""
     path = Path(out or ROOT / "benchmarks" / "results" / f"{name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     run = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "device": device_name(),
@@ -66,7 +69,7 @@ def write_results(name: str, figures: dict, out: str | os.PathLike | None = None
     if merge and path.is_file():
         old = json.loads(path.read_text())
         if old.get("benchmark") == name:
-            record["figures"] = deep_merge(old.get("figures", {}), figures)
+            record["figures"] = deep_merge(old.get("figures", {}), figures, merge_depth)
             record["provenance"] = deep_merge(old.get("provenance", {}), {key: run for key in figures})
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")

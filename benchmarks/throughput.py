@@ -415,7 +415,7 @@ def flop_counts(method: str, spec: Spec) -> dict:
         t = torch.full((batch,), 500.0, device="meta")
         if spec.family == "vp":
             t = t.long()
-        return lambda: m(x, t, model.encode_prompts([""] * batch))
+        return lambda: m(x, t, model.encode_prompts([""] * batch))  # DiffusionModel / classifier signature
 
     counts = {"fwd": _count(call(model, fwd_batch), False) / fwd_batch,
               "fwd_bwd": _count(call(model, bwd_batch), True) / bwd_batch}
@@ -423,7 +423,8 @@ def flop_counts(method: str, spec: Spec) -> dict:
         from lit_distill.methods.nodistill import DensityRatioClassifier
         from lit_distill.methods.one_step import trainable_copy
 
-        classifier = DensityRatioClassifier(trainable_copy(model.freeze_(), "teacher"))
+        with torch.device("meta"):
+            classifier = DensityRatioClassifier(trainable_copy(model.freeze_(), "teacher"))
         b = spec.one_step_batch
         counts["cls_fwd_bwd"] = _count(call(classifier, 2 * b), True) / (2 * b)
         classifier.requires_grad_(False)
@@ -504,7 +505,7 @@ class NaiveRL:
         self.micro = spec.minibatch
 
     def predict(self, net, x, t, cond):
-        return net(x, t, **cond, return_dict=False)[0]
+        return net(x, timestep=t, **cond, return_dict=False)[0]
 
     # one reverse step as a Gaussian: VP from the DDIM formulas (as ddpo-pytorch), flow as Flow-GRPO
     def mean_std(self, pred, x, index: torch.Tensor):
@@ -656,6 +657,8 @@ def naive_reference(method: str, spec: Spec, args) -> dict:
 def default_steps(method: str, args) -> tuple[int, int]:
     """(warmup, timed) steps: TeacherRL / OPD 1 + 2, one-step 2 + 5, pretrain 3 + 10 unless given."""
     warmup, steps = {"teacher_rl": (1, 2), "opd": (1, 2), "disback": (2, 5), "nodistill": (2, 5)}.get(method, (3, 10))
+    if args.tiny:
+        warmup, steps = 1, 2
     if args.compile:
         warmup += 1
     return (args.warmup if args.warmup is not None else warmup), (args.steps if args.steps is not None else steps)
@@ -663,8 +666,9 @@ def default_steps(method: str, args) -> tuple[int, int]:
 
 def bench_method(method: str, spec: Spec, args, peak_tflops: float) -> dict:
     warmup, steps = default_steps(method, args)
+    held = f", {torch.cuda.memory_allocated() / 2**30:.1f} GiB still allocated" if args.device.type == "cuda" else ""
     say(f"{spec.key}/{method}: ours ({args.precision}{', compile' if args.compile else ''}), "
-        f"{warmup} warm-up + {steps} timed steps")
+        f"{warmup} warm-up + {steps} timed steps{held}")
     t_start = time.time()
     ours = with_checkpointing_fallback(
         lambda gc_on: fit_and_time(method, spec, args, precision=args.precision, gradient_checkpointing=gc_on,
@@ -753,13 +757,18 @@ def ddp_scaling(args) -> dict:
         command += [] if args.steps is None else ["--steps", str(args.steps)]
         command += [] if args.warmup is None else ["--warmup", str(args.warmup)]
         say(f"DDP: TeacherRL on the UNet with {devices} GPU(s): {' '.join(command[1:])}")
-        subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for key, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                           ("NVSHMEM_DISABLE_NVLS", "1")):  # NVLink multicast stays off (not needed here)
+            env.setdefault(key, value)
+        subprocess.run(command, check=True, env=env)
         results[devices] = json.loads(result.read_text())
         result.unlink()
         say(f"  {devices} GPU(s): {results[devices]['images_per_s']:.2f} images/s")
     ips = {str(d): r["images_per_s"] for d, r in results.items()}
     return {"ddp_scaling": ips, "ddp_method": "teacher_rl",
-            "ddp_details": {"model": model_specs(args.tiny)["unet"].label, "per_gpu_images_per_step": 32 if not args.tiny else 8,
+            "ddp_details": {"model": model_specs(args.tiny)["unet"].label,
+                            "per_gpu_images_per_step": model_specs(args.tiny)["unet"].rollout_batch,
                             "strategy": "lightning ddp", "gradient_checkpointing": gc_mode == "on",
                             "scaling_efficiency": ips["2"] / (2 * ips["1"]),
                             "step_s": {str(d): r["step_s"] for d, r in results.items()},
@@ -775,15 +784,17 @@ def docs_section(doc: dict) -> str:
              "that wrote each part are listed under `provenance` there). Random-weight denoisers at real size, text "
              "encoders stubbed, one training step = rollout + update (see the script's docstring for the exact "
              f"workloads and the naive reference). bf16 matmul peak measured in the same run: "
-             f"**{f.get('peak_tflops', 0):.0f} TFLOP/s**.", ""]
+             f"**{f.get('peak_tflops', 0):.3g} TFLOP/s**.", ""]
     header = ["method", "images/s", "rollout img/s", "update img/s", "MFU rollout", "MFU update", "peak GiB",
               "grad. ckpt", "naive img/s", "speedup"]
-    for key, label_key in (("methods", "model"), ("methods_sd3", "model_sd3")):
+    for key, label_key in (("methods", "model"), ("methods_sd3", "model_sd3"), ("methods_compile", "model"),
+                           ("methods_sd3_compile", "model_sd3")):
         methods = f.get(key) or {}
         if not methods:
             continue
         prov = doc.get("provenance", {}).get(key, doc)
-        lines += [f"**{f.get(label_key, key)}** — `{prov.get('command', '')}` on {prov.get('device', '')}, "
+        compiled = " with `compile=True`" if key.endswith("_compile") else ""
+        lines += [f"**{f.get(label_key, key)}**{compiled} — `{prov.get('command', '')}` on {prov.get('device', '')}, "
                   f"{prov.get('date', '')}, commit `{str(prov.get('commit', ''))[:12]}`", ""]
         rows = []
         for name, m in methods.items():
@@ -871,10 +882,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                     say(f"  {key}/{method} FAILED: {type(error).__name__}: {error}")
                     results[method] = {"error": f"{type(error).__name__}: {error}"[:500]}
                     free_memory()
-            figures["methods" if key == "unet" else "methods_sd3"] = results
+            suffix = "_compile" if args.compile else ""  # compiled runs go beside the eager ones
+            figures[("methods" if key == "unet" else "methods_sd3") + suffix] = results
             figures["model" if key == "unet" else "model_sd3"] = spec.label
     figures["wall_seconds_last_run"] = time.time() - started
-    path = write_results("throughput", figures, args.out, merge=True)
+    path = write_results("throughput", figures, args.out, merge=True, merge_depth=2)  # method entries replaced
     if not (args.tiny or args.no_docs):
         update_markdown_section("throughput", docs_section(json.loads(Path(path).read_text())))
         say("updated docs/benchmarks.md (section throughput)")

@@ -44,9 +44,11 @@ import logging
 from typing import Any, Iterable, Literal, Optional, Sequence, Union
 
 import torch
-from lightning.pytorch.plugins.precision.fsdp import FSDPPrecision
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, StrategyRegistry
+from datetime import timedelta
+
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 from torch import nn
+from torch.distributed.constants import default_pg_timeout
 
 log = logging.getLogger(__name__)
 
@@ -143,77 +145,78 @@ def ddp_strategy(find_unused_parameters: Optional[bool] = None, **kwargs: Any) -
 
 
 # -- FSDP -------------------------------------------------------------------------------------------
-class _RootClipFSDPPrecision(FSDPPrecision):
-    """Lightning's FSDP precision plugin, with gradient clipping by norm through the FSDP root that holds
-    the optimizer's parameters (``FullyShardedDataParallel.clip_grad_norm_``: the global norm of the
-    sharded gradients, all-reduced over ranks)."""
+def _broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (``fully_shard`` does not; DDP does)."""
+    import torch.distributed as dist
 
-    _fsdp_roots: Sequence[nn.Module] = ()
-
-    def clip_grad_by_norm(self, optimizer, clip_val: Union[int, float]) -> None:
-        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        owners = [root for root in self._fsdp_roots if params & {id(p) for p in root.parameters()}]
-        if len(owners) != 1 or not params <= {id(p) for p in owners[0].parameters()}:
-            raise ValueError(
-                f"gradient clipping by norm under DiffusionFSDPStrategy needs all of an optimizer's parameters in "
-                f"one FSDP-wrapped network; this optimizer's span {len(owners)} of them. Clip by value, or use DDP.")
-        owners[0].clip_grad_norm_(clip_val)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=src)
 
 
-class DiffusionFSDPStrategy(FSDPStrategy):
-    """FSDP for TeacherRL / OPDStudent: each trained ``DiffusionModel.net`` becomes a root FSDP module with
-    one unit per diffusers block (see the module docstring for why not the whole LightningModule).
+class DiffusionFSDPStrategy(ModelParallelStrategy):
+    """FSDP (``torch.distributed.fsdp.fully_shard``, FSDP2) of the trained denoisers of TeacherRL / OPDStudent.
+
+    Each trained ``DiffusionModel.net`` is sharded with one ``fully_shard`` group per diffusers block
+    (:func:`fsdp_block_classes`) plus one for the rest of the net; the LightningModule itself is not
+    wrapped (see the module docstring for why). Frozen copies are replicated unless ``frozen="shard"``.
 
     Args:
         block_classes: class names (or classes) of the blocks to shard one by one; default
             :data:`DEFAULT_BLOCK_CLASS_NAMES` (those found in the net). None found: ValueError.
         frozen: ``"replicate"`` (default: frozen ``DiffusionModel`` submodules such as TeacherRL's reference
-            copy stay whole on every rank) or ``"shard"`` (they become forward-only FSDP roots too).
+            copy stay whole on every rank) or ``"shard"`` (they are sharded too and gathered per forward).
         activation_checkpointing: checkpoint every block (``torch.distributed`` checkpoint wrapper,
             non-reentrant). Do not combine with the methods' own ``gradient_checkpointing=True``.
-        sharding_strategy: ``"FULL_SHARD"``, ``"SHARD_GRAD_OP"``, ``"NO_SHARD"``, ``"HYBRID_SHARD"``.
-        **kwargs: Lightning ``FSDPStrategy`` arguments (``mixed_precision``, ``cpu_offload``,
-            ``state_dict_type``, ``process_group_backend``...) and FSDP keyword arguments.
+        reshard_after_forward: free the gathered parameters of a block after its forward (ZeRO-3, default)
+            or keep them until the backward (ZeRO-2: more memory, less communication).
+        save_distributed_checkpoint: ``False`` (default): checkpoints are one file with the full state,
+            written by rank 0, loadable on any number of devices (``TeacherRL.load_from_checkpoint`` on one
+            GPU included). ``True``: a directory with each rank's shards (torch.distributed.checkpoint).
+        process_group_backend, timeout: as in Lightning's ``ModelParallelStrategy``.
 
-    On a CPU accelerator it runs FSDP over gloo (``device_id=cpu``): for tests only.
+    With ``precision="bf16-mixed"`` the parameters are gathered in bf16 and the gradients reduced in float32
+    (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``); inputs are not cast (Lightning's autocast
+    casts op by op, as on one GPU; a cast would round the float timesteps of flow models, 857.7 -> 856).
+    Every rank must call the sharded networks together: evaluation code that samples on rank 0 only hangs.
     """
 
     strategy_name = "fsdp_diffusion"
 
     def __init__(self, block_classes: Optional[list[str]] = None, frozen: FrozenRule = "replicate",
-                 activation_checkpointing: bool = False, sharding_strategy: str = "FULL_SHARD", **kwargs: Any):
+                 activation_checkpointing: bool = False, reshard_after_forward: bool = True,
+                 save_distributed_checkpoint: bool = False, process_group_backend: Optional[str] = None,
+                 timeout: Optional[timedelta] = default_pg_timeout):
         if frozen not in ("replicate", "shard"):
             raise ValueError(f"frozen={frozen!r}: choose 'replicate' (frozen copies whole on every rank) or 'shard'")
-        for key in ("auto_wrap_policy", "activation_checkpointing_policy"):
-            if kwargs.get(key) is not None:
-                raise ValueError(f"{key}: DiffusionFSDPStrategy builds it from block_classes (the diffusers block "
-                                 "classes of each trained network); pass block_classes instead")
-        super().__init__(sharding_strategy=sharding_strategy, **kwargs)
-        self.block_classes = None if block_classes is None else list(block_classes)
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout)
+        self.block_classes = None if block_classes is None else [c if isinstance(c, str) else c.__name__
+                                                                  for c in block_classes]
         self.frozen, self.activation_checkpointing_blocks = frozen, bool(activation_checkpointing)
-        self.fsdp_roots: list[nn.Module] = []
+        self.reshard_after_forward = bool(reshard_after_forward)
+        self.sharded: list[str] = []
 
-    # the precision plugin is chosen by the Trainer; give it the root-aware norm clipping
-    @property
-    def precision_plugin(self):
-        return super().precision_plugin
+    def setup_environment(self) -> None:
+        self._tensor_parallel_size = 1  # FSDP only: every process is one data-parallel rank
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
 
-    @precision_plugin.setter
-    def precision_plugin(self, plugin) -> None:
-        if isinstance(plugin, FSDPPrecision) and not isinstance(plugin, _RootClipFSDPPrecision):
-            plugin.__class__ = _RootClipFSDPPrecision  # same state, one method more
-        self._precision_plugin = plugin
+    def _mixed_precision_policy(self):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    def _wrap(self, net: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        if getattr(self.precision_plugin, "precision", "32-true") == "bf16-mixed":
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                        cast_forward_inputs=False)
+        return MixedPrecisionPolicy(cast_forward_inputs=False)
 
-        classes = fsdp_block_classes(net, self.block_classes)
-        device_id = self.root_device if self.root_device.type == "cpu" else self.root_device.index
-        wrapped = FullyShardedDataParallel(
-            net, auto_wrap_policy=ModuleWrapPolicy(classes), cpu_offload=self.cpu_offload,
-            mixed_precision=self.mixed_precision_config, sharding_strategy=self.sharding_strategy,
-            device_id=device_id, **self.kwargs)
+    def _shard(self, net: nn.Module) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        classes = tuple(fsdp_block_classes(net, self.block_classes))
         if self.activation_checkpointing_blocks:
             import functools
 
@@ -221,28 +224,39 @@ class DiffusionFSDPStrategy(FSDPStrategy):
                 CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
 
             apply_activation_checkpointing(
-                wrapped, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
-                check_fn=lambda m: isinstance(m, tuple(classes)))
-        return wrapped
+                net, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+                check_fn=lambda m: isinstance(m, classes))
+        kwargs = dict(mesh=self.device_mesh["data_parallel"], mp_policy=self._mixed_precision_policy(),
+                      reshard_after_forward=self.reshard_after_forward)
+        # bottom-up: descendants before ancestors (reverse pre-order), the whole net last
+        for module in reversed(list(net.modules())):
+            if module is not net and isinstance(module, classes):
+                fully_shard(module, **kwargs)
+        fully_shard(net, **kwargs)
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+    def setup(self, trainer) -> None:
+        from lightning.fabric.utilities.optimizer import _optimizers_to_device
+        from lightning.pytorch.trainer.states import TrainerFn
 
-        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-            raise ValueError("the module already contains FSDP-wrapped parts: DiffusionFSDPStrategy wraps the "
-                             "trained networks itself (pass an unwrapped module)")
-        targets = check_fsdp_supported(model, self.frozen, self.activation_checkpointing_blocks)
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        targets = check_fsdp_supported(self.model, self.frozen, self.activation_checkpointing_blocks)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        _broadcast_module(self.model)  # the same starting weights everywhere, as DDP guarantees
         if self.root_device.type == "cpu":
             log.info("DiffusionFSDPStrategy on CPU (gloo): for tests only")
-        self.fsdp_roots = []
+        self.sharded = []
         for name, diffusion_model in targets:
-            diffusion_model.net = self._wrap(diffusion_model.net)
-            self.fsdp_roots.append(diffusion_model.net)
-            log.info("DiffusionFSDPStrategy: sharded %s.net (%s)", name, type(diffusion_model.net.module).__name__)
-        model.to(self.root_device)  # the rest (frozen copies, text encoders, buffers) is replicated
-        if isinstance(self.precision_plugin, _RootClipFSDPPrecision):
-            self.precision_plugin._fsdp_roots = self.fsdp_roots
-        return model
+            self._shard(diffusion_model.net)
+            self.sharded.append(f"{name}.net" if name else "net")
+        log.info("DiffusionFSDPStrategy: sharded %s", ", ".join(self.sharded))
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
 
 
 def check_fsdp_supported(module: nn.Module, frozen: FrozenRule = "replicate",
@@ -278,16 +292,11 @@ def check_fsdp_supported(module: nn.Module, frozen: FrozenRule = "replicate",
 
 
 def fsdp_strategy(block_classes: Optional[Sequence[Union[str, type]]] = None, frozen: FrozenRule = "replicate",
-                  activation_checkpointing: bool = False, sharding_strategy: str = "FULL_SHARD",
-                  **kwargs: Any) -> DiffusionFSDPStrategy:
-    """``Trainer(strategy=fsdp_strategy(), precision="bf16-mixed")``: see :class:`DiffusionFSDPStrategy`.
-
-    ``block_classes`` may be classes or class names. The wrap policy is a ``ModuleWrapPolicy`` of the block
-    classes found in each trained network (:func:`fsdp_block_classes`); with ``activation_checkpointing``
-    the same classes are checkpointed."""
-    names = None if block_classes is None else [c if isinstance(c, str) else c.__name__ for c in block_classes]
-    return DiffusionFSDPStrategy(block_classes=names, frozen=frozen, activation_checkpointing=activation_checkpointing,
-                                 sharding_strategy=sharding_strategy, **kwargs)
+                  activation_checkpointing: bool = False, **kwargs: Any) -> DiffusionFSDPStrategy:
+    """``Trainer(strategy=fsdp_strategy(), precision="bf16-mixed")``: see :class:`DiffusionFSDPStrategy`
+    (``block_classes`` may be classes or class names; ``kwargs``: its other arguments)."""
+    return DiffusionFSDPStrategy(block_classes=block_classes, frozen=frozen,
+                                 activation_checkpointing=activation_checkpointing, **kwargs)
 
 
 def _register() -> None:

@@ -1,7 +1,11 @@
 """The LightningModules: glue that says which network is trained on what."""
 from .base import DistillModule, NonFiniteLossError
-from .pretrain import DiffusionPretrain
+from .disback import DisBackStudent
+from .nodistill import DensityRatioClassifier, NoDistillOneStep
+from .one_step import OneStepModule
 from .opd import OPDStudent
+from .pretrain import DiffusionPretrain
 from .teacher_rl import TeacherRL
 
-__all__ = ["DistillModule", "NonFiniteLossError", "DiffusionPretrain", "TeacherRL", "OPDStudent"]
+__all__ = ["DistillModule", "NonFiniteLossError", "DiffusionPretrain", "TeacherRL", "OPDStudent",
+           "OneStepModule", "DisBackStudent", "NoDistillOneStep", "DensityRatioClassifier"]
