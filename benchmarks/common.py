@@ -2,10 +2,10 @@
 in docs/benchmarks.md, and figures.
 
 ``write_results`` writes ``benchmarks/results/NAME.json`` = ``{"benchmark", "command", "device", "date",
-"commit", "figures"}``; with ``merge=True`` the new figures are merged into the file's (dicts key by key,
-recursively; other values replaced), so parts of one benchmark measured by separate runs (one GPU, then
-two) end up in one file, and ``provenance[key]`` keeps the command, device, date and commit of the run that
-wrote each top-level key of ``figures``. ``update_markdown_section`` replaces the text between
+"commit", "figures"}``; with ``merge=True`` the new figures are merged into the file's (each top-level key
+replaced; with ``merge_depth=2`` dicts are merged one level further, e.g. ``figures["methods"]`` method by
+method), so parts of one benchmark measured by separate runs (one GPU, then two) end up in one file, and
+``provenance[key]`` keeps the command, device, date and commit of the run that wrote each top-level key. ``update_markdown_section`` replaces the text between
 ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of docs/benchmarks.md; ``update_docs_table`` writes one
 table there stamped with its results file."""
 from __future__ import annotations

@@ -9,6 +9,7 @@ many-step FID. FIDs are Fréchet distances in the project's digit-classifier fea
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -84,11 +85,18 @@ def parse(argv=None):
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS))
     p.add_argument("--out", default="benchmarks/results/one_step.json")
+    p.add_argument("--docs-only", action="store_true", help="measure nothing: rebuild figure and table from --out")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse(argv)
+    if not args.docs_only:
+        write_results("one_step", measure(args), args.out)
+    write_docs(args.out)
+
+
+def measure(args) -> dict:
     updates = args.updates or (40 if args.cpu else 600)
     every = args.every or max(1, updates // 6)
     num_samples = args.num_samples or (200 if args.cpu else 1000)
@@ -118,17 +126,21 @@ def main(argv=None):
             module, ImageDataModule("embedded:digits", resolution=16, batch_size=args.batch_size, repeat=50))
         curves[name], seconds[name] = curve.points, round(time.time() - start, 1)
 
-    figures = {"fid_features": "classifier", "teacher_fid": round(teacher_fid, 3), "teacher_steps": args.teacher_steps,
-               "curves": curves, "wall_seconds": seconds, "generator_updates": updates, "num_samples": num_samples,
-               "note": "DisBack's stage-0 degradation recording trains only the auxiliary score; its steps are not "
-                       "generator updates and are not on the x axis"}
-    out = write_results("one_step", figures, args.out)
+    return {"fid_features": "classifier", "teacher_fid": round(teacher_fid, 3), "teacher_steps": args.teacher_steps,
+            "curves": curves, "wall_seconds": seconds, "generator_updates": updates, "num_samples": num_samples,
+            "note": "DisBack's stage-0 degradation recording trains only the auxiliary score; its steps are not "
+                    "generator updates and are not on the x axis"}
+
+
+def write_docs(results: str) -> None:
+    figures = json.loads(Path(results).read_text())["figures"]
+    curves, seconds = figures["curves"], figures["wall_seconds"]
     plot_curves(curves, "docs/one_step_fid.png", xlabel="generator updates", ylabel="fid_classifier (log)",
-                hline=teacher_fid, logy=True)
-    rows = [[name, c[0][1], *(c[len(c) // 2][1], c[-1][1]), seconds[name]] for name, c in curves.items()]
-    rows.append([f"teacher, {args.teacher_steps} ODE steps", "", "", round(teacher_fid, 3), ""])
-    update_docs_table("one_step", ["system", "fid at 0", "fid at half", "final fid", "seconds"], rows, out,
-                      note=f"{updates} generator updates, {num_samples} samples per FID, classifier features")
+                hline=figures["teacher_fid"], logy=True)
+    rows = [[name, c[0][1], c[len(c) // 2][1], c[-1][0], c[-1][1], seconds.get(name, "")] for name, c in curves.items()]
+    rows.append([f"teacher, {figures['teacher_steps']} ODE steps", "", "", "", figures["teacher_fid"], ""])
+    update_docs_table("one_step", ["system", "fid at 0", "fid at half", "updates", "final fid", "seconds"], rows,
+                      results, note=figures.get("note", ""))
 
 
 if __name__ == "__main__":

@@ -33,11 +33,18 @@ def parse(argv=None):
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--num-steps", type=int, default=10)
     p.add_argument("--out", default="benchmarks/results/opd_vs_rl.json")
+    p.add_argument("--docs-only", action="store_true", help="measure nothing: rebuild figure and table from --out")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse(argv)
+    if not args.docs_only:
+        write_results("opd_vs_rl", measure(args), args.out)
+    write_docs(args.out)
+
+
+def measure(args) -> dict:
     steps = args.steps or (40 if args.cpu else 300)
     work = Path(args.work)
     teachers_file = Path(args.teachers)
@@ -75,15 +82,21 @@ def main(argv=None):
 
     for name in systems:
         systems[name] = {t: systems[name][t] for t in tasks}
-    figures = {"tasks": tasks, "systems": systems, "student_updates": steps,
-               "wall_seconds": {k: round(v, 1) for k, v in seconds.items()}}
-    write_results("opd_vs_rl", figures, args.out)
+    return {"tasks": tasks, "systems": systems, "student_updates": steps,
+            "wall_seconds": {k: round(v, 1) for k, v in seconds.items()}}
+
+
+def write_docs(results: str) -> None:
+    figures = json.loads(Path(results).read_text())["figures"]
+    tasks, systems = figures["tasks"], figures["systems"]
     plot_bars(systems, tasks, "docs/opd_vs_rl.png", ylabel="reward on held-out prompts")
     kept = lambda s, t: (systems[s][t] - systems["base"][t]) / max(systems[f"teacher/{t}"][t] - systems["base"][t], 1e-12)  # noqa: E731
     rows = [[s] + [f"{systems[s][t]:.3f}" for t in tasks] + [f"{sum(systems[s].values()) / len(tasks):.3f}"]
             + [", ".join(f"{kept(s, t):.0%}" for t in tasks) if not s.startswith("teacher") and s != "base" else ""]
             for s in systems]
-    update_docs_table("opd_vs_rl", ["system", *tasks, "mean", "teacher gain kept"], rows, args.out)
+    update_docs_table("opd_vs_rl", ["system", *tasks, "mean", "teacher gain kept"], rows, results,
+                      note=f"{figures['student_updates']} optimiser steps per student; rewards on held-out prompts. "
+                      + figures.get("note", ""))
 
 
 if __name__ == "__main__":

@@ -14,38 +14,39 @@ Two strategies, usable from Python or as ``--trainer.strategy`` in a LightningCL
     ranks hold the same weights afterwards, and that a plain ``loss.backward()`` would not).
 
 :class:`DiffusionFSDPStrategy` (``fsdp_strategy()``)
-    Shards the *trained* denoiser of TeacherRL / OPDStudent. Lightning's own ``FSDPStrategy`` wraps the
-    whole LightningModule in one root FSDP unit, whose forward is ``training_step``; a manual backward
-    inside that forward trips FSDP's state machine (``Expects BACKWARD_PRE or BACKWARD_POST state but got
-    HandleTrainingState.FORWARD``), and its precision plugin refuses ``clip_gradients(..., "norm")``.
-    This strategy instead makes each trained network (``DiffusionModel.net`` of every ``DiffusionModel``
-    submodule with trainable parameters) its own *root* FSDP module, with one FSDP unit per diffusers
-    block (:func:`fsdp_block_classes`); the LightningModule itself is not wrapped. Each denoiser call is
-    then a complete FSDP forward, each ``manual_backward`` a complete FSDP backward, and
-    ``clip_gradients`` calls the root's ``clip_grad_norm_`` (the norm of the sharded gradients, reduced
-    over ranks).
+    Shards the *trained* denoiser of TeacherRL / OPDStudent with FSDP2 (``torch.distributed.fsdp.fully_shard``)
+    on top of Lightning's ``ModelParallelStrategy``. Why not Lightning's ``FSDPStrategy`` (FSDP1): it wraps the
+    whole LightningModule in one root FSDP unit whose forward is ``training_step``, and a manual backward
+    inside that forward trips FSDP1's state machine (``Expects BACKWARD_PRE or BACKWARD_POST state but got
+    HandleTrainingState.FORWARD``); its precision plugin refuses ``clip_gradients(..., "norm")``; and with
+    FSDP1's ``use_orig_params=True`` a full optimizer state dict did not survive a save/load round trip here
+    (Adam's moments came back changed; torch 2.14, gloo). With FSDP2 each trained network
+    (``DiffusionModel.net`` of every ``DiffusionModel`` submodule with trainable parameters) is sharded in
+    place, one group per diffusers block (:func:`fsdp_block_classes`) plus one for the net: each denoiser
+    call gathers what it needs, each ``manual_backward`` reduce-scatters the gradients into sharded
+    ``DTensor`` gradients, ``clip_gradients`` is the plain ``clip_grad_norm_`` (the norm of a ``DTensor``
+    gradient is global), and checkpoints hold named full states (``torch.distributed.checkpoint``).
 
 The rule for frozen networks (TeacherRL's ``reference`` copy, OPD's teachers, text encoders, VAEs):
 they are **replicated**, never sharded, by default: each rank holds a full copy and runs it locally
 (no communication in their forwards). OPD's teachers live in a plain dict, not as submodules, and are
-always replicated; TeacherRL's reference copy is a submodule, and ``frozen="shard"`` makes it (and any
-other frozen ``DiffusionModel`` submodule) a forward-only FSDP root too, for models whose frozen copy does
-not fit on one GPU. Frozen copies are never trained, so they need no gradient synchronisation.
+always replicated; TeacherRL's reference copy is a submodule, and ``frozen="shard"`` shards it (and any
+other frozen ``DiffusionModel`` submodule's net) too, for models whose frozen copy does not fit on one GPU.
+Frozen copies are never trained, so they need no gradient synchronisation.
 
 What FSDP does not cover, with a clear error at setup: modules that keep an EMA of the trained weights
 (DiffusionPretrain, DisBack, NoDistillOneStep: the EMA reads the full parameters after every update,
 which FSDP holds sharded) and trainable parameters outside a ``DiffusionModel.net`` (e.g. a classifier
-head). Use DDP for those. Exporting a model trained with FSDP: save a Lightning checkpoint (full state
-dict by default), load it into a fresh module on one device and call ``export`` there.
+head, whose gradients nothing would synchronise). Use DDP for those. After ``fit`` the trained nets stay
+sharded: export from a checkpoint (one file with the full state by default), loaded on one device.
 """
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any, Iterable, Literal, Optional, Sequence, Union
 
 import torch
-from datetime import timedelta
-
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 from torch import nn
 from torch.distributed.constants import default_pg_timeout

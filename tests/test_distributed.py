@@ -12,9 +12,10 @@ generator of *virtual rank* ``r * parts + j``. One process with ``virtual_world=
 the union of what two ranks roll out (same noise, same prompts). Every (sample, step) pair is trained in
 one minibatch per step (``steps_per_sample=None``, ``minibatch_size`` = pairs per process), so the mean
 loss over the union equals the average of the two ranks' means, which is what DDP's gradient averaging
-computes; only the order of summation differs. On CPU in float32 the weights must then agree to ~1e-5
-(relative to the update); on GPUs in bf16 the tests compare the difference with that caused by changing
-the rollout seed (a statistical yardstick: bf16 rounding must move the result far less than new noise).
+computes; only the order of summation differs. On CPU in float32 the rewards then agree to 1e-5 and the
+weight updates to 2e-3 of their size (Adam amplifies rounding in elements whose gradient is ~0); on GPUs in
+bf16 the tests compare the difference with that caused by changing the rollout seed (a statistical
+yardstick: bf16 rounding must move the result far less than new noise does).
 """
 from __future__ import annotations
 
@@ -82,39 +83,44 @@ def launch(world: int, tmp_path: Path, fn: str = "train_rl", **kwargs) -> list[d
 
 
 class Record(L.Callback):
-    """Global mean reward of each step (all-gathered: ranks hold equal-size halves)."""
+    """Global mean reward of each step (all-gathered: ranks hold equal-size halves) and the full weights of
+    the trained net at the end of training."""
 
     def __init__(self):
-        self.rewards = []
+        self.rewards, self.final = [], None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         local = trainer.callback_metrics["train/reward"].detach().to(pl_module.device)
         self.rewards.append(float(pl_module.all_gather(local).float().mean()))
 
+    def on_train_end(self, trainer, pl_module):
+        self.final = full_net_state(pl_module)
+
 
 def full_net_state(module) -> dict:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    """The trained net's parameters as full float32 CPU tensors (gathered from FSDP2 shards; every rank
+    must call it)."""
+    from torch.distributed.tensor import DTensor
 
-    net = module.model.net
-    if isinstance(net, FSDP):
-        with FSDP.summon_full_params(net):
-            return {k.replace("_fsdp_wrapped_module.", ""): v.detach().float().cpu().clone()
-                    for k, v in net.named_parameters()}
-    return {k: v.detach().float().cpu().clone() for k, v in net.named_parameters()}
+    return {k.replace("_checkpoint_wrapped_module.", ""):
+            (v.full_tensor() if isinstance(v, DTensor) else v).detach().float().cpu().clone()
+            for k, v in module.model.net.named_parameters()}
 
 
 def train_rl(world: int, strategy: str = "ddp", accelerator: str = "cpu", precision: str = "32-true",
              prompts: int = 4, group_size: int = 4, num_steps: int = 4, batches: int = 2, seed: int = 0,
-             virtual: bool = True) -> dict:
-    """Fit TeacherRL (``VirtualRanksRL`` when ``virtual``) for ``batches`` steps with ``prompts`` prompts in
-    the global batch; returns the initial and final weights of the denoiser, the step count and rewards."""
+             virtual: bool = True, epochs: int = 1, save: str | None = None, resume: str | None = None,
+             strategy_kwargs: dict | None = None, module_kwargs: dict | None = None) -> dict:
+    """Fit TeacherRL (``VirtualRanksRL`` when ``virtual``) for ``epochs`` x ``batches`` steps with ``prompts``
+    prompts in the global batch (resuming from ``resume``; saving a checkpoint to ``save`` at the end);
+    returns the initial and final weights of the denoiser, the step count and the rewards."""
     torch.manual_seed(0)
     per_rank = prompts // world
     pairs = per_rank * group_size * num_steps
     cls, extra = (VirtualRanksRL, {"virtual_world": 2}) if virtual else (TeacherRL, {})
     module = cls(model="embedded", model_kwargs=TINY, reward="brightness", num_steps=num_steps, group_size=group_size,
                  minibatch_size=pairs if virtual else max(1, pairs // 4), eval_steps=num_steps, lr=1e-3, seed=seed,
-                 **extra)
+                 **extra, **(module_kwargs or {}))
     initial = full_net_state(module)
     data = [{"prompt": PROMPT, "task": "brightness"}] * (prompts * batches)
     loader = torch.utils.data.DataLoader(
@@ -123,16 +129,17 @@ def train_rl(world: int, strategy: str = "ddp", accelerator: str = "cpu", precis
     if world == 1:
         strat = "auto"
     elif strategy == "fsdp":
-        strat = DiffusionFSDPStrategy()
+        strat = DiffusionFSDPStrategy(**(strategy_kwargs or {}))
     else:
-        strat = DiffusionDDPStrategy()
+        strat = DiffusionDDPStrategy(**(strategy_kwargs or {}))
     record = Record()
-    trainer = L.Trainer(accelerator=accelerator, devices=world, strategy=strat, precision=precision, max_epochs=1,
-                        limit_train_batches=batches, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=world, strategy=strat, precision=precision,
+                        max_epochs=epochs, limit_train_batches=batches, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[record])
-    trainer.fit(module, loader)
-    return {"initial": initial, "final": full_net_state(module), "global_step": trainer.global_step,
-            "rewards": record.rewards}
+    trainer.fit(module, loader, ckpt_path=resume)
+    if save:
+        trainer.save_checkpoint(save)
+    return {"initial": initial, "final": record.final, "global_step": trainer.global_step, "rewards": record.rewards}
 
 
 def train_disback(world: int) -> dict:
@@ -190,6 +197,19 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(strategy, one_pr
     assert ranks[0]["rewards"] == pytest.approx(single["rewards"], rel=1e-5, abs=1e-6)
 
 
+def test_fsdp_checkpoint_resumes_exactly(tmp_path):
+    """Two FSDP ranks: one step, a checkpoint (one file with the full state), a resumed second step, gives
+    the weights of two uninterrupted steps (optimizer moments restored by name, not by position)."""
+    ckpt = str(tmp_path / "step1.ckpt")
+    straight = launch(2, tmp_path / "straight", strategy="fsdp", virtual=False, batches=1, epochs=2)
+    launch(2, tmp_path / "first", strategy="fsdp", virtual=False, batches=1, epochs=1, save=ckpt)
+    resumed = launch(2, tmp_path / "resumed", strategy="fsdp", virtual=False, batches=1, epochs=2, resume=ckpt)
+    assert resumed[0]["global_step"] == straight[0]["global_step"] == 8
+    assert relative_difference(straight[0]["final"], resumed[0]["final"], straight[0]["initial"]) < 1e-5
+    state = torch.load(ckpt, weights_only=False)["state_dict"]  # plain full tensors: loads on one device
+    assert state["model.net.conv_in.weight"].shape == straight[0]["initial"]["conv_in.weight"].shape
+
+
 def test_fsdp_without_block_classes_names_the_model():
     conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.SiLU(), torch.nn.Conv2d(4, 1, 3))
     with pytest.raises(ValueError, match="Sequential.*block_classes"):
@@ -214,8 +234,6 @@ def test_fsdp_refuses_methods_it_cannot_shard_with_a_reason():
         check_fsdp_supported(rl, activation_checkpointing=True)
     with pytest.raises(ValueError, match="frozen="):
         DiffusionFSDPStrategy(frozen="offload")
-    with pytest.raises(ValueError, match="block_classes"):
-        DiffusionFSDPStrategy(auto_wrap_policy={torch.nn.Linear})
 
 
 def test_ddp_strategy_runs_one_step_methods_in_sync(tmp_path):
@@ -238,7 +256,8 @@ def test_ddp_strategy_finds_unused_parameters_only_for_one_step_methods():
 
 
 def test_cuda_only_options_on_cpu():
-    """compile=True on CPU stops with a message; bf16-mixed autocast is allowed by Lightning on CPU (slow)."""
+    """compile=True on CPU stops with a message. (bf16-mixed autocast is allowed by Lightning on CPU and runs
+    TeacherRL, slowly: checked by hand, not here.)"""
     module = TeacherRL(model="embedded", model_kwargs=TINY, reward="brightness", num_steps=2, group_size=2, compile=True)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -274,7 +293,8 @@ two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device
 def test_two_gpus_match_one_gpu_with_the_same_global_batch(strategy, tmp_path):
     """bf16-mixed on 2 GPUs (NCCL) vs 1 GPU with the same global batch and the same rollout noise: the
     weight update after 3 steps differs by far less than a change of rollout seed moves it, the ranks agree
-    exactly, and the per-step rewards agree within bf16 rounding."""
+    exactly, and the per-step rewards agree within bf16 rounding. (The same comparison in bf16 on CPU gave
+    0.03 for DDP and 0.07 for FSDP, whose parameters are gathered in bf16, against a yardstick of 1.04.)"""
     kw = dict(accelerator="gpu", precision="bf16-mixed", batches=3)
     single = launch(1, tmp_path, **kw)[0]
     reseeded = launch(1, tmp_path, seed=1, **kw)[0]
@@ -282,6 +302,6 @@ def test_two_gpus_match_one_gpu_with_the_same_global_batch(strategy, tmp_path):
     yardstick = relative_difference(single["final"], reseeded["final"], single["initial"])
     difference = relative_difference(single["final"], multi[0]["final"], single["initial"])
     assert relative_difference(multi[0]["final"], multi[1]["final"], single["initial"]) == 0.0
-    assert difference < 0.1 and difference < 0.2 * yardstick, (difference, yardstick)
+    assert difference < 0.15 and difference < 0.2 * yardstick, (difference, yardstick)
     assert multi[0]["rewards"][0] == pytest.approx(single["rewards"][0], abs=2e-3)  # same weights, same noise
-    assert multi[0]["rewards"] == pytest.approx(single["rewards"], abs=1e-2)
+    assert multi[0]["rewards"] == pytest.approx(single["rewards"], abs=5e-3)
