@@ -133,7 +133,7 @@ class QuickstartConfig:
     cache_dir: Optional[str] = None
     resolution: int = 16
     family: str = "flow"
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 800
     teacher_steps: int = 40
     opd_steps: int = 40
     one_step_steps: int = 150

@@ -44,11 +44,15 @@ class RunningNormalizer(torch.nn.Module):
         self.mean += delta * n / total
         self.count.copy_(total)
 
-    def forward(self, rewards: Tensor) -> Tensor:
-        """Update with ``rewards`` then return ``(rewards - mean) / (std + eps)``."""
-        self.update(rewards)
+    def normalize(self, rewards: Tensor) -> Tensor:
+        """``(rewards - mean) / (std + eps)`` with the current statistics."""
         std = (self.m2 / self.count.clamp_min(1)).sqrt()
         return ((rewards.double() - self.mean) / (std + self.eps)).to(rewards.dtype)
+
+    def forward(self, rewards: Tensor) -> Tensor:
+        """Update with ``rewards`` then normalise them."""
+        self.update(rewards)
+        return self.normalize(rewards)
 
 
 def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> Tensor:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -41,7 +41,7 @@ class OPDStudent(OnPolicyModule):
 
     method = "opd"
 
-    def __init__(self, model: str = "embedded:base", teachers: Optional[dict[str, str]] = None,
+    def __init__(self, model: str = "embedded:base", teachers: Optional[dict[str, Any]] = None,
                  model_kwargs: Optional[dict] = None, *, teacher_dtype: Optional[str] = None, lora_rank: int = 0,
                  num_steps: int = 10, noise_level: float = 0.7, sde_steps: Optional[Sequence[int]] = None,
                  guidance_scale: float = 1.0, eval_steps: int = 20, rollouts_per_prompt: int = 1,
@@ -53,7 +53,8 @@ class OPDStudent(OnPolicyModule):
                          sde_steps=sde_steps, guidance_scale=guidance_scale, eval_steps=eval_steps, seed=seed,
                          lr=lr, weight_decay=weight_decay, nan_policy=nan_policy, compile=compile,
                          gradient_checkpointing=gradient_checkpointing)
-        self.save_hyperparameters(ignore=module_args(model=model))
+        self.save_hyperparameters(ignore=module_args(model=model) + (
+            ["teachers"] if any(not isinstance(t, str) for t in (teachers or {}).values()) else []))
         self.automatic_optimization = False
         if not teachers:
             raise ValueError("teachers is empty: give {task: model source} for every task of the prompt set")

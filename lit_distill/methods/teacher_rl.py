@@ -88,7 +88,14 @@ class TeacherRL(OnPolicyModule):
         return validate_rewards(values, images.shape[0], getattr(self.reward, "name", "reward"))
 
     def advantages(self, rewards: Tensor) -> Tensor:
-        adv = group_advantages(rewards, self.cfg["group_size"]) if self.normalizer is None else self.normalizer(rewards)
+        """Group-relative (GRPO) or running-normalised (DDPO) advantages ``[B]``. The running statistics
+        see every rank's rewards (gathered), so all ranks keep the same normaliser."""
+        if self.normalizer is None:
+            adv = group_advantages(rewards, self.cfg["group_size"])
+        else:
+            everyone = self.all_gather(rewards).flatten() if self._trainer is not None and self.trainer.world_size > 1 else rewards
+            self.normalizer.update(everyone)
+            adv = self.normalizer.normalize(rewards)
         return adv.clamp(-self.cfg["adv_clip"], self.cfg["adv_clip"])
 
     def reference_mean(self, traj, rows, steps, cond, uncond) -> Tensor:
