@@ -134,9 +134,9 @@ class QuickstartConfig:
     resolution: int = 16
     family: str = "flow"
     pretrain_steps: int = 800
-    teacher_steps: int = 40
-    opd_steps: int = 40
-    one_step_steps: int = 150
+    teacher_steps: int = 150
+    opd_steps: int = 150
+    one_step_steps: int = 300
     prompts_per_step: int = 4
     group_size: int = 8
     num_steps: int = 10
@@ -205,6 +205,10 @@ def print_table(summary: dict) -> None:
     print("\n" + header + "\n" + "-" * len(header))
     for system, r in summary["rewards"].items():
         print(f"{system:<22}" + "".join(f"{r.get(t, float('nan')):>14.3f}" for t in tasks) + f"{r['reward']:>10.3f}")
+    curve = summary.get("one_step", {}).get("fid_classifier")
+    if curve:
+        print(f"\none-step generator (DisBack): fid_classifier {curve[0][1]:.1f} -> {curve[-1][1]:.1f} "
+              f"after {curve[-1][0]} generator updates (digit-classifier features, not Inception)")
     print(f"\nsummary: {Path(summary['config']['out_dir']) / 'summary.json'}")
 
 
