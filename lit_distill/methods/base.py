@@ -83,6 +83,18 @@ class DistillModule(L.LightningModule):
         self.log("nonfinite_skipped", float(self.nonfinite_skipped))
         return False
 
+    def apply_update(self, optimizer, loss: Tensor, name: str, max_grad_norm: float | None) -> bool:
+        """One manual optimiser step on ``loss``: finite check (see :meth:`check_finite`), backward through
+        the strategy, optional clipping by global norm, step. Returns False if the update was skipped."""
+        if not self.check_finite(name, loss):
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        return True
+
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lit_distill_method"] = self.method

@@ -227,13 +227,8 @@ class OneStepModule(DistillModule):
         """Compute ``loss_fn()`` with only ``optimizer``'s parameters requiring grad, then step it."""
         with self.toggled_optimizer(optimizer):
             loss = loss_fn()
-            if not self.check_finite(name, loss):
+            if not self.apply_update(optimizer, loss, name, self.max_grad_norm):
                 return None
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if self.max_grad_norm:
-                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 

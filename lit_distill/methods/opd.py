@@ -129,13 +129,8 @@ class OPDStudent(OnPolicyModule):
             mean, std = self.kernel(self.model, traj, r, s, cond, uncond)
             per_pair = per_step_kl(mean, target, std, cfg["ode_weight"]) * self.kl_scale * self.step_weight(s)
             loss = per_pair.mean()
-            if not self.check_finite("per-step KL loss", loss):
+            if not self.apply_update(opt, loss, "per-step KL loss", cfg["max_grad_norm"]):
                 continue
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if cfg["max_grad_norm"]:
-                self.clip_gradients(opt, gradient_clip_val=cfg["max_grad_norm"], gradient_clip_algorithm="norm")
-            opt.step()
             losses["all"].append(loss.detach())
             chunk_tasks = [tasks[r] for r in rows[chunk].tolist()]
             for task in set(chunk_tasks):

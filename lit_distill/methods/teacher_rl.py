@@ -138,13 +138,8 @@ class TeacherRL(OnPolicyModule):
             kl = gaussian_kl(mean, self.reference_mean(traj, rows, steps, cond, uncond), std).mean() * scale
             loss = loss + cfg["kl_weight"] * kl
             stats["kl_ref"].append(kl.detach())
-        if not self.check_finite("policy loss", loss):
+        if not self.apply_update(opt, loss, "policy loss", cfg["max_grad_norm"]):
             return
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        if cfg["max_grad_norm"]:
-            self.clip_gradients(opt, gradient_clip_val=cfg["max_grad_norm"], gradient_clip_algorithm="norm")
-        opt.step()
         log_ratio = (log_probs.detach() - old_log_probs) * scale
         stats["policy_loss"].append(policy_loss.detach())
         stats["approx_kl"].append(0.5 * log_ratio.pow(2).mean())
