@@ -21,6 +21,7 @@ from lit_distill.data.embedded import (
     load_embedded_digits,
     split_indices,
 )
+from lit_distill.data.loader import ResumableDataLoader
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _HF_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
@@ -270,9 +271,9 @@ class ImageDataModule(L.LightningDataModule):
 
     # ---- loaders ---------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=gen, persistent_workers=self.num_workers > 0)
+        # order = f(seed, epoch), resumable mid-epoch (see ResumableDataLoader)
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, seed=self.seed,
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

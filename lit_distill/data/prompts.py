@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lit_distill.data.embedded import PROMPTS_DIR, embedded_prompt_sets, split_indices
+from lit_distill.data.loader import ResumableDataLoader
 
 PROMPT_EXTENSIONS = (".txt", ".csv", ".jsonl")
 
@@ -226,9 +227,8 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        gen = torch.Generator().manual_seed(self.seed) if self.shuffle else None
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=self.shuffle, generator=gen,
-                          num_workers=self.num_workers, collate_fn=collate_prompts)
+        return ResumableDataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed,
+                                   num_workers=self.num_workers, collate_fn=collate_prompts)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation prompts in file order, or ``[]`` when there are none."""

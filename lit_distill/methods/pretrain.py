@@ -1,7 +1,6 @@
 """DiffusionPretrain: train a base denoiser by DSM (VP) or flow matching on an ImageDataModule."""
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Optional
 
@@ -45,22 +44,29 @@ class DiffusionPretrain(DistillModule):
             self.model.text_encoder.requires_grad_(train_text_encoder)
         self.ema = EMA(self.model, decay=ema_decay)
         self.caption_dropout = caption_dropout
-        self._rng = random.Random(seed)
+        self.seed = seed
 
     def setup(self, stage: str) -> None:
         self.maybe_compile(self.model.net)
 
-    def _loss(self, batch: dict) -> torch.Tensor:
+    def step_generator(self, device=None) -> torch.Generator:
+        """This step's randomness (times, noise, caption dropout): a pure function of (seed, step, rank), so a
+        resumed run draws exactly what an uninterrupted one would."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return torch.Generator(device or self.device).manual_seed(self.seed + self.global_step * 1009 + rank)
+
+    def _loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         images = batch["image"]
         x0 = self.model.encode_images(images) if self.model.vae is not None else images
         captions = list(batch["caption"])
         if self.training and self.caption_dropout > 0:
-            captions = ["" if self._rng.random() < self.caption_dropout else c for c in captions]
+            drop = torch.rand(len(captions), generator=self.step_generator("cpu")) < self.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         cond = self.model.encode_prompts(captions)
-        return denoising_loss(self.model, self.model.schedule, x0.float(), cond)
+        return denoising_loss(self.model, self.model.schedule, x0.float(), cond, generator=generator)
 
     def training_step(self, batch: dict, batch_idx: int):
-        loss = self._loss(batch)
+        loss = self._loss(batch, self.step_generator())
         if not self.check_finite("denoising loss", loss):
             return None
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
