@@ -7,6 +7,7 @@ changes during sampling: one schedule serves every rollout.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,7 @@ class SamplingGrid:
         return SamplingGrid(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
 
-class Schedule:
+class Schedule(abc.ABC):
     """Base class. Subclasses set ``family`` and implement ``grid``, ``coefficients``,
     ``training_timesteps`` and ``kernel``."""
 
@@ -59,15 +60,15 @@ class Schedule:
         self.num_train_timesteps = num_train_timesteps
 
     # -- training-time noising -------------------------------------------------------------
+    @abc.abstractmethod
     def coefficients(self, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         """``(alpha, sigma)`` ``[B]`` float32 at model timesteps ``[B]``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def training_timesteps(self, batch_size: int, *, device=None, generator=None,
                            t_min: float = 0.0, t_max: float = 1.0) -> Tensor:
         """Model timesteps ``[B]`` drawn from the training distribution p(t), restricted to the
         fraction ``[t_min, t_max]`` of the time range (1 = pure noise)."""
-        raise NotImplementedError
 
     def add_noise(self, x0: Tensor, eps: Tensor, timesteps: Tensor) -> Tensor:
         """``x_t = alpha x0 + sigma eps`` at model timesteps ``[B]``."""
@@ -80,14 +81,15 @@ class Schedule:
         return to_x0_eps(prediction, x_t, expand_like(alpha, x_t), expand_like(sigma, x_t), self.prediction_type)
 
     # -- sampling --------------------------------------------------------------------------
+    @abc.abstractmethod
     def grid(self, num_steps: int, device=None) -> SamplingGrid:
-        raise NotImplementedError
+        """The :class:`SamplingGrid` of an ``num_steps`` reverse pass, on ``device``."""
 
+    @abc.abstractmethod
     def kernel(self, prediction: Tensor, x_t: Tensor, steps: SamplingGrid,
                noise_level: float | Tensor) -> tuple[Tensor, Tensor]:
         """Mean ``[like x_t]`` and std (``[B]`` or scalar) of ``p(x_s | x_t)`` for the steps ``steps``
         (a grid restricted with :meth:`SamplingGrid.at`: one step, or one per sample)."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(prediction_type={self.prediction_type!r})"

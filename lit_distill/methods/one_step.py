@@ -18,6 +18,7 @@ Seams for subclasses and users: :meth:`sample_timesteps` (``p(t)`` on ``[t_min, 
 """
 from __future__ import annotations
 
+import abc
 import json
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -74,7 +75,7 @@ def trainable_copy(model: DiffusionModel, init: str = "teacher", seed: int = 0) 
     return copy
 
 
-class OneStepModule(DistillModule):
+class OneStepModule(DistillModule, abc.ABC):
     """Base of :class:`DisBackStudent` and :class:`NoDistillOneStep`. Subclasses implement
     :meth:`auxiliary_loss`, :meth:`generator_loss` and :meth:`auxiliary_parameters`.
 
@@ -199,14 +200,17 @@ class OneStepModule(DistillModule):
         return self.auxiliary_updates % self.ratio == 0
 
     # -- to implement ------------------------------------------------------------------------------
+    @abc.abstractmethod
     def auxiliary_parameters(self) -> list[nn.Parameter]:
-        raise NotImplementedError
+        """The parameters of the auxiliary network (fake score or classifier), trained by its optimiser."""
 
+    @abc.abstractmethod
     def auxiliary_loss(self, batch: dict, captions: list[str], cond: Optional[dict]) -> Tensor:
-        raise NotImplementedError
+        """The auxiliary network's loss on this batch (scalar)."""
 
+    @abc.abstractmethod
     def generator_loss(self, batch: dict, captions: list[str], cond: Optional[dict]) -> Tensor:
-        raise NotImplementedError
+        """The generator's (surrogate) loss on this batch (scalar)."""
 
     def on_auxiliary_update(self) -> None:
         """Called after each successful auxiliary update."""

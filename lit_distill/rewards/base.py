@@ -14,6 +14,7 @@ achievable value, ``None`` if unbounded), which benchmarks use to report headroo
 """
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -34,7 +35,7 @@ RewardSpec = Any  # str | dict | Reward
 _REGISTRY: dict[str, type["Reward"]] = {}
 
 
-class Reward(nn.Module):
+class Reward(nn.Module, abc.ABC):
     """Base class of rewards: an ``nn.Module`` so networks inside move with ``.to(device)``.
 
     Subclasses implement ``forward(images, prompts, tasks, **metadata) -> Tensor[B]`` and set the
@@ -51,8 +52,9 @@ class Reward(nn.Module):
     max_value: float | None = None
     differentiable: bool = False
 
+    @abc.abstractmethod
     def forward(self, images: Tensor, prompts: Sequence[str], tasks: Sequence[str], **metadata: Any) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__}: implement forward(images, prompts, tasks, **metadata)")
+        """Scores ``[B]`` of ``images`` ``[B, C, H, W]`` in [-1, 1] for their prompts and tasks."""
 
     def freeze(self) -> "Reward":
         """Make the reward untrainable: no parameter requires grad, modules in eval mode. Returns self."""
