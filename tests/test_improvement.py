@@ -68,3 +68,12 @@ def test_opd_lowers_the_per_step_kl_to_its_teacher(tmp_path):
     fit(module, prompt_loader(), 30)
     after = kl()
     assert after < 0.5 * before, (before, after)
+
+
+def test_pretrain_refuses_images_of_the_wrong_size_or_channels():
+    import pytest
+
+    module = DiffusionPretrain("embedded", TINY)
+    for images in (torch.zeros(2, 1, 16, 16), torch.zeros(2, 3, 8, 8)):
+        with pytest.raises(ValueError, match=r"batch\["):
+            module._loss({"image": images, "caption": ["a", "b"]})

@@ -9,6 +9,7 @@ import torch
 from ..losses import denoising_loss
 from ..models.ema import EMA
 from ..models.sources import load_model
+from ..utils.images import check_images
 from .base import DistillModule, module_args
 
 
@@ -57,6 +58,10 @@ class DiffusionPretrain(DistillModule):
 
     def _loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         images = batch["image"]
+        if self.model.vae is None:  # pixel-space model: the data must match what the network denoises
+            c, h, w = self.model.sample_shape
+            check_images(images, channels=c, size=(h, w), name='batch["image"] (set the data module\'s resolution '
+                         "and channels to the model's sample_shape)")
         x0 = self.model.encode_images(images) if self.model.vae is not None else images
         captions = list(batch["caption"])
         if self.training and self.caption_dropout > 0:
