@@ -247,3 +247,16 @@ def test_one_step_generator_maps_to_x0():
     eps = net(z, torch.full((3,), 999))
     abar = vp.alphas_cumprod[999].float()
     torch.testing.assert_close(gen_vp(z), (z - (1 - abar).sqrt() * eps) / abar.sqrt())
+
+
+def test_ddim_last_step_onto_clean_data_has_no_density_but_stays_finite():
+    """With set_alpha_to_one the last DDIM step lands on abar = 1: std 0 even at eta = 1."""
+    config = dict(DDIMScheduler(set_alpha_to_one=True, timestep_spacing="trailing", clip_sample=False).config)
+    schedule = schedule_from_scheduler_config(config)
+    grid = schedule.grid(4)
+    stds = [float(schedule.kernel_std(grid.at(i), 1.0)) for i in range(4)]
+    assert stds[-1] == 0.0 and all(s > 0 for s in stds[:-1])
+    traj = rollout(TinyDenoiser(), torch.randn(2, 2, 4, 4), None, schedule, grid, noise_level=1.0,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(traj.log_probs).all() and (traj.log_probs[:, -1] == 0).all()
+    assert traj.stochastic.tolist() == [True, True, True, False]

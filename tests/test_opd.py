@@ -115,3 +115,20 @@ def test_bad_input_errors(teacher_dirs, tmp_path):
     build_embedded_model(**TINY, family="vp").save_pretrained(tmp_path / "vp")
     with pytest.raises(ValueError, match=r"teachers\['vp'\] does not match.*schedule vp"):
         student({"vp": str(tmp_path / "vp")})
+
+
+def test_teacher_from_a_lightning_checkpoint(tmp_path):
+    from lit_distill.methods import TeacherRL
+
+    rl = TeacherRL("embedded", "brightness", {**TINY, "seed": 3}, num_steps=4, group_size=2, minibatch_size=8,
+                   eval_steps=4)
+    loader = torch.utils.data.DataLoader([0], batch_size=1, collate_fn=lambda _: batch(("bright",)))
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(rl, loader)
+    trainer.save_checkpoint(tmp_path / "teacher.ckpt")
+    module = student({"bright": str(tmp_path / "teacher.ckpt")})
+    for name, p in rl.model.net.state_dict().items():
+        assert torch.equal(module.teachers["bright"].net.state_dict()[name], p), name
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        student({"bright": str(tmp_path / "missing.ckpt")})

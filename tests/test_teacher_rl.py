@@ -137,3 +137,34 @@ def test_bad_input_errors_name_the_field():
         module = tiny_rl(reward=reward)
         with pytest.raises(ValueError, match=match):
             module.compute_rewards(torch.zeros(2, 1, 8, 8), batch)
+
+
+def test_vp_models_train_with_the_same_code():
+    torch.manual_seed(0)
+    module = tiny_rl(model_kwargs={**TINY, "family": "vp"}, noise_level=1.0)
+    assert module.model.schedule.family == "vp"
+    loader = torch.utils.data.DataLoader([0, 1], batch_size=2, collate_fn=lambda _: prompt_batch())
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, loader)
+    assert torch.isfinite(trainer.callback_metrics["train/policy_loss"])
+
+
+def test_reward_callback_logs_per_task_writes_grids_and_keeps_the_best(tmp_path):
+    from lit_distill.callbacks import RewardCallback
+
+    rows = [{"prompt": "a handwritten seven", "task": "bright", "digit": 7},
+            {"prompt": "a handwritten one", "task": "dark", "digit": 1}]
+    reward = {"name": "per_task", "rewards": {"bright": {"name": "brightness", "target": 1.0},
+                                              "dark": {"name": "brightness", "target": 0.0}}}
+    callback = RewardCallback(rows, reward=reward, num_prompts=None, samples_per_prompt=2, every_n_steps=2,
+                              output_dir=str(tmp_path))
+    module = tiny_rl()
+    loader = torch.utils.data.DataLoader([0, 1], batch_size=2, collate_fn=lambda _: prompt_batch())
+    L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[callback]).fit(module, loader)
+    first = callback.history[0]
+    assert set(first) == {"step", "bright", "dark", "reward"} and first["step"] == 0
+    assert first["reward"] == pytest.approx((first["bright"] + first["dark"]) / 2)
+    assert len(callback.history) >= 2 and (tmp_path / "best.ckpt").is_file()
+    assert len(list(tmp_path.glob("step_*.png"))) == len(callback.history)

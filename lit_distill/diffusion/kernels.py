@@ -22,10 +22,21 @@ def ddim_kernel(x0: Tensor, eps: Tensor, abar_t: Tensor, abar_s: Tensor, eta: fl
     same as ``diffusers.DDIMScheduler.step``. Returns ``(mean [like x0], std [like abar_t])``.
     """
     abar_t, abar_s = torch.as_tensor(abar_t), torch.as_tensor(abar_s)
-    std = eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
+    std = ddim_std(abar_t, abar_s, eta)
     direction = (1 - abar_s - std**2).clamp_min(0).sqrt()
     mean = expand_like(abar_s.sqrt(), x0) * x0 + expand_like(direction, eps) * eps
     return mean, std
+
+
+def ddim_std(abar_t: Tensor, abar_s: Tensor, eta: float | Tensor) -> Tensor:
+    """The std of the DDIM-eta step (0 where ``abar_s = 1``: the last step with ``set_alpha_to_one``)."""
+    return eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
+
+
+def flow_sde_std(t: Tensor, s: Tensor, a: float | Tensor) -> Tensor:
+    """The std ``a sqrt(t / (1 - t)) sqrt(t - s)`` of the flow SDE step (``1 - t`` read at ``s`` when t = 1)."""
+    one_minus_t = torch.where(t >= 1, 1 - s, 1 - t)
+    return a * (t / one_minus_t).sqrt() * (t - s).sqrt()
 
 
 def flow_sde_kernel(x_t: Tensor, velocity: Tensor, t: Tensor, s: Tensor, a: float | Tensor) -> tuple[Tensor, Tensor]:
@@ -39,11 +50,11 @@ def flow_sde_kernel(x_t: Tensor, velocity: Tensor, t: Tensor, s: Tensor, a: floa
     """
     t, s = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device), torch.as_tensor(s, dtype=x_t.dtype, device=x_t.device)
     dt = s - t
-    one_minus_t = torch.where(t >= 1, 1 - s, 1 - t)
-    noise = a * (t / one_minus_t).sqrt()
-    t_b, dt_b, noise_b = expand_like(t, x_t), expand_like(dt, x_t), expand_like(noise, x_t)
-    drift = velocity + noise_b**2 / (2 * t_b) * (x_t + (1 - t_b) * velocity)
-    return x_t + drift * dt_b, noise * (-dt).sqrt()
+    std = flow_sde_std(t, s, a)
+    noise_sq = std**2 / (-dt)  # sigma_t^2
+    t_b, dt_b, noise_sq_b = expand_like(t, x_t), expand_like(dt, x_t), expand_like(noise_sq, x_t)
+    drift = velocity + noise_sq_b / (2 * t_b) * (x_t + (1 - t_b) * velocity)
+    return x_t + drift * dt_b, std
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:

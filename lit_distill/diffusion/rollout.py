@@ -130,7 +130,8 @@ def rollout(denoiser: Denoiser, noise: Tensor, cond: Cond, schedule: Schedule, g
         mean, std = schedule.kernel(prediction.to(x.dtype), x, step, levels[i])
         if levels[i] > 0:
             x = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            log_probs[:, i] = gaussian_log_prob(x, mean, std)
+            # a noisy level can still give std 0 (DDIM's last step onto abar = 1): no density there
+            log_probs[:, i] = torch.where(std > 0, gaussian_log_prob(x, mean, std.clamp_min(1e-20)), 0.0)
             stds[i] = std
         else:
             x = mean

@@ -86,6 +86,10 @@ class Schedule(abc.ABC):
         """The :class:`SamplingGrid` of an ``num_steps`` reverse pass, on ``device``."""
 
     @abc.abstractmethod
+    def kernel_std(self, steps: SamplingGrid, noise_level: float | Tensor) -> Tensor:
+        """The std of the kernel at ``steps`` (it does not depend on x_t): 0 where the step is deterministic."""
+
+    @abc.abstractmethod
     def kernel(self, prediction: Tensor, x_t: Tensor, steps: SamplingGrid,
                noise_level: float | Tensor) -> tuple[Tensor, Tensor]:
         """Mean ``[like x_t]`` and std (``[B]`` or scalar) of ``p(x_s | x_t)`` for the steps ``steps``
@@ -139,6 +143,9 @@ class VPSchedule(Schedule):
         abar_s = torch.where(prev >= 0, self.alphas_cumprod[prev.clamp_min(0)],
                              torch.tensor(self.final_alpha_cumprod, dtype=torch.float64))
         return SamplingGrid(t, abar_t.sqrt(), (1 - abar_t).sqrt(), abar_s.sqrt(), (1 - abar_s).sqrt()).to(device)
+
+    def kernel_std(self, steps, noise_level):
+        return kernels.ddim_std(steps.alpha_t**2, steps.alpha_s**2, noise_level)
 
     def kernel(self, prediction, x_t, steps, noise_level):
         x0, eps = to_x0_eps(prediction, x_t, expand_like(steps.alpha_t, x_t), expand_like(steps.sigma_t, x_t),
@@ -196,6 +203,9 @@ class FlowSchedule(Schedule):
         sig = sched.sigmas.double()
         t, s = sig[:-1], sig[1:]
         return SamplingGrid(sched.timesteps.float(), 1 - t, t, 1 - s, s).to(device)
+
+    def kernel_std(self, steps, noise_level):
+        return kernels.flow_sde_std(steps.sigma_t, steps.sigma_s, noise_level)
 
     def kernel(self, prediction, x_t, steps, noise_level):
         v = prediction

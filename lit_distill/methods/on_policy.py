@@ -63,6 +63,9 @@ class OnPolicyModule(DistillModule):
         self.prepare_network(self.model.net)
         self.num_steps, self.guidance_scale, self.eval_steps, self.seed = num_steps, guidance_scale, eval_steps, seed
         self.levels = noise_levels(num_steps, noise_level, sde_steps)
+        grid = self.model.schedule.grid(num_steps)
+        # host copy of each step's kernel std: which steps have a density, known without a device sync
+        self.step_stds = [float(self.model.schedule.kernel_std(grid.at(i), level)) for i, level in enumerate(self.levels)]
         self._grids: dict[tuple, SamplingGrid] = {}
 
     def setup(self, stage: str) -> None:
@@ -118,7 +121,7 @@ class OnPolicyModule(DistillModule):
         without replacement (all of them if None) among the stochastic steps (or all steps), in random
         order (Flow-GRPO's denoising reduction). ``generator`` and the results are on the CPU, so that
         routing and chunking never read device memory back."""
-        candidates = torch.tensor(self.levels) > 0 if stochastic_only else torch.ones(len(self.levels), dtype=torch.bool)
+        candidates = torch.tensor(self.step_stds) > 0 if stochastic_only else torch.ones(len(self.levels), dtype=torch.bool)
         stochastic = torch.nonzero(candidates).flatten()
         k = len(stochastic) if steps_per_sample is None else min(steps_per_sample, len(stochastic))
         batch = traj.latents.shape[0]

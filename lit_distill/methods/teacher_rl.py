@@ -67,7 +67,7 @@ class TeacherRL(OnPolicyModule):
             raise ValueError(f"logprob_reduction={logprob_reduction!r}: choose 'sum' or 'mean'")
         if reference == "lora_base" and lora_rank <= 0:
             raise ValueError("reference='lora_base' needs lora_rank > 0 (the LoRA-free base is the reference)")
-        if not any(self.levels):
+        if not any(self.step_stds):
             raise ValueError("no stochastic step: noise_level must be > 0 and sde_steps non-empty "
                              "(policy gradients need the log-probs of noisy steps)")
         self.reward = build_reward(reward)
