@@ -168,3 +168,16 @@ def test_reward_callback_logs_per_task_writes_grids_and_keeps_the_best(tmp_path)
     assert first["reward"] == pytest.approx((first["bright"] + first["dark"]) / 2)
     assert len(callback.history) >= 2 and (tmp_path / "best.ckpt").is_file()
     assert len(list(tmp_path.glob("step_*.png"))) == len(callback.history)
+
+
+def test_non_finite_losses_stop_with_the_step_and_tensor_named_or_are_skipped_and_counted():
+    from lit_distill.methods import NonFiniteLossError
+
+    module = tiny_rl()
+    with pytest.raises(NonFiniteLossError, match="policy loss is NaN at global step 0.*nan_policy='skip'"):
+        module.check_finite("policy loss", torch.tensor(float("nan")))
+    module = tiny_rl(nan_policy="skip")
+    assert module.check_finite("policy loss", torch.tensor(float("inf"))) is False
+    assert module.nonfinite_skipped == 1
+    with pytest.raises(ValueError, match="nan_policy='ignore'"):
+        tiny_rl(nan_policy="ignore")
