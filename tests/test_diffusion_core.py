@@ -9,7 +9,7 @@ from lit_distill.diffusion import (
     FlowSchedule, OneStepGenerator, VPSchedule, convert, from_x0_eps, gaussian_kl, gaussian_log_prob,
     mean_matching, noise_levels, rollout, schedule_from_scheduler_config, to_x0_eps,
 )
-from lit_distill.diffusion.kernels import ddim_kernel, flow_sde_kernel
+from lit_distill.diffusion.kernels import flow_sde_kernel
 
 torch.set_default_dtype(torch.float32)
 

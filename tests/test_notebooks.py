@@ -1,5 +1,4 @@
 """The notebooks run top to bottom (at the small size the tests set)."""
-import os
 from pathlib import Path
 
 import nbformat

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import nullcontext
 from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
@@ -93,8 +92,8 @@ class TeacherRL(OnPolicyModule):
         if self.normalizer is None:
             adv = group_advantages(rewards, self.cfg["group_size"])
         else:
-            everyone = self.all_gather(rewards).flatten() if self._trainer is not None and self.trainer.world_size > 1 else rewards
-            self.normalizer.update(everyone)
+            distributed = self._trainer is not None and self.trainer.world_size > 1
+            self.normalizer.update(self.all_gather(rewards).flatten() if distributed else rewards)
             adv = self.normalizer.normalize(rewards)
         return adv.clamp(-self.cfg["adv_clip"], self.cfg["adv_clip"])
 
