@@ -132,3 +132,15 @@ def test_teacher_from_a_lightning_checkpoint(tmp_path):
         assert torch.equal(module.teachers["bright"].net.state_dict()[name], p), name
     with pytest.raises(FileNotFoundError, match="no such directory"):
         student({"bright": str(tmp_path / "missing.ckpt")})
+
+
+def test_mean_weighting_turns_every_step_into_mean_matching(teacher_dirs):
+    module = student(teacher_dirs, step_weighting="mean")
+    steps = torch.arange(module.num_steps)
+    mean_s, mean_t = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    stds = torch.tensor(module.step_stds)
+    for s in steps[stds > 0][:2]:
+        weighted = per_step_kl(mean_s, mean_t, stds[s]) * module.step_weight(s.view(1))
+        torch.testing.assert_close(weighted, (mean_s - mean_t).pow(2).flatten(1).sum(1))
+    with pytest.raises(ValueError, match="step_weighting='x'"):
+        student(teacher_dirs, step_weighting="x")

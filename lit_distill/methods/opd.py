@@ -32,6 +32,9 @@ class OPDStudent(OnPolicyModule):
         steps_per_sample: random steps per rollout that enter the loss (None: all steps).
         minibatch_size: (sample, step) pairs per optimiser step.
         ode_weight: weight of mean matching on deterministic steps.
+        step_weighting: ``"kl"`` (every step's KL counts as is: the path KL) or ``"mean"`` (each stochastic
+            step's KL times ``2 std^2``, i.e. plain mean matching ``||mu_s - mu_T||^2`` on every step, so the
+            low-noise late steps no longer dominate); the default of :meth:`step_weight`.
         kl_reduction: ``"sum"`` (the exact KL of the whole sample) or ``"mean"`` (divided by elements D).
 
     Teachers are kept out of the student's ``state_dict`` (they are reloaded from their sources) and are
@@ -46,6 +49,7 @@ class OPDStudent(OnPolicyModule):
                  num_steps: int = 10, noise_level: float = 0.7, sde_steps: Optional[Sequence[int]] = None,
                  guidance_scale: float = 1.0, eval_steps: int = 20, rollouts_per_prompt: int = 1,
                  steps_per_sample: Optional[int] = None, minibatch_size: int = 64, ode_weight: float = 1.0,
+                 step_weighting: str = "kl",
                  kl_reduction: str = "sum", max_grad_norm: Optional[float] = 1.0, lr: float = 1e-5,
                  weight_decay: float = 0.0, nan_policy: str = "raise", compile: bool = False,
                  gradient_checkpointing: bool = False, seed: int = 0):
@@ -58,6 +62,9 @@ class OPDStudent(OnPolicyModule):
         self.automatic_optimization = False
         if not teachers:
             raise ValueError("teachers is empty: give {task: model source} for every task of the prompt set")
+        if step_weighting not in ("kl", "mean"):
+            raise ValueError(f"step_weighting={step_weighting!r}: choose 'kl' or 'mean'")
+        self.step_weighting = step_weighting
         if kl_reduction not in ("sum", "mean"):
             raise ValueError(f"kl_reduction={kl_reduction!r}: choose 'sum' or 'mean'")
         dtype = getattr(torch, teacher_dtype) if teacher_dtype else None
@@ -77,8 +84,12 @@ class OPDStudent(OnPolicyModule):
         return task
 
     def step_weight(self, steps: Tensor) -> Tensor:
-        """Loss weight of each pair's step ``[M]`` (default 1: every step counts the same)."""
-        return torch.ones(steps.shape, device=steps.device)
+        """Loss weight of each pair's step ``[M]``: 1 (``step_weighting="kl"``), or ``2 std^2`` on stochastic
+        steps and 1 on ODE steps (``"mean"``). Override for any other weighting over time."""
+        if self.step_weighting == "kl":
+            return torch.ones(steps.shape, device=steps.device)
+        stds = torch.tensor(self.step_stds, device=steps.device)[steps]
+        return torch.where(stds > 0, 2 * stds**2, torch.ones_like(stds))
 
     def check_tasks(self, tasks: Sequence[str]) -> None:
         """Raise before any compute if a task has no teacher."""
