@@ -121,6 +121,7 @@ def _pyplot():
 
 
 def plot_curves(curves: dict[str, list], path: str, xlabel: str, ylabel: str, hline: float | None = None,
+                hline_label: str = "max",
                 logy: bool = False) -> None:
     """Line plot of ``{label: [[x, y], ...]}`` saved as a PNG."""
     plt = _pyplot()
@@ -129,7 +130,7 @@ def plot_curves(curves: dict[str, list], path: str, xlabel: str, ylabel: str, hl
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o", ms=3, label=label)
     if hline is not None:
-        ax.axhline(hline, color="grey", ls="--", lw=1, label="max")
+        ax.axhline(hline, color="grey", ls="--", lw=1, label=hline_label)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.legend(fontsize=8), ax.grid(alpha=0.3)

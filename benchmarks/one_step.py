@@ -136,7 +136,7 @@ def write_docs(results: str) -> None:
     figures = json.loads(Path(results).read_text())["figures"]
     curves, seconds = figures["curves"], figures["wall_seconds"]
     plot_curves(curves, "docs/one_step_fid.png", xlabel="generator updates", ylabel="fid_classifier (log)",
-                hline=figures["teacher_fid"], logy=True)
+                hline=figures["teacher_fid"], hline_label=f"teacher ({figures['teacher_steps']} steps)", logy=True)
     rows = [[name, c[0][1], c[len(c) // 2][1], c[-1][0], c[-1][1], seconds.get(name, "")] for name, c in curves.items()]
     rows.append([f"teacher, {figures['teacher_steps']} ODE steps", "", "", "", figures["teacher_fid"], ""])
     update_docs_table("one_step", ["system", "fid at 0", "fid at half", "updates", "final fid", "seconds"], rows,
