@@ -42,7 +42,8 @@ def trainer(max_steps: int, out_dir: Optional[Path] = None, callbacks=(), progre
     return L.Trainer(max_steps=max_steps, accelerator="auto", devices=1, callbacks=list(callbacks),
                      logger=CSVLogger(str(out_dir), name="logs") if out_dir else False,
                      enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
-                     limit_val_batches=0, num_sanity_val_steps=0, **kwargs)
+                     limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=kwargs.pop("log_every_n_steps", 1),
+                     **kwargs)
 
 
 def ensure_embedded_base(resolution: int = 16, family: str = "flow", cache_dir: Optional[str] = None,
