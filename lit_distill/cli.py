@@ -29,7 +29,7 @@ def main(args: list[str] | None = None) -> None:
 
         quickstart_main(argv[1:])
         return
-    DistillCLI(args=argv)
+    DistillCLI(args=args)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":
