@@ -42,8 +42,7 @@ def ddim_config():
     return {**DDIMScheduler(clip_sample=False, steps_offset=1).config, "_class_name": "DDIMScheduler"}
 
 
-@pytest.fixture(scope="module")
-def sd15():
+def tiny_sd15_model() -> DiffusionModel:
     """A tiny SD-1.5-structured DiffusionModel (UNet2DConditionModel + AutoencoderKL + CLIPTextModel)."""
     torch.manual_seed(0)
     tok = build_word_tokenizer(VOCAB, max_length=8)
@@ -54,6 +53,34 @@ def sd15():
     )
     enc = build_text_encoder(len(tok), hidden_size=32, max_length=8)
     return DiffusionModel(unet, ddim_config(), (4, 16, 16), vae=tiny_vae(), text_encoder=enc, tokenizer=tok).eval()
+
+
+def tiny_sd3_model() -> DiffusionModel:
+    """A tiny SD3-structured DiffusionModel (SD3Transformer2DModel, two CLIP encoders with projection, T5, VAE)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    tok = build_word_tokenizer(VOCAB, max_length=8)
+
+    def clip(hidden):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=8, projection_dim=16, pad_token_id=0, bos_token_id=2,
+            eos_token_id=3)).eval()
+
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
+    transformer = build_sd3_like_transformer(
+        sample_size=16, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
+    )
+    return DiffusionModel(transformer, FlowMatchEulerDiscreteScheduler(shift=3.0), (4, 16, 16), vae=tiny_vae(),
+                          text_encoder=clip(16), tokenizer=tok, text_encoder_2=clip(24), tokenizer_2=tok,
+                          text_encoder_3=t5, tokenizer_3=tok).eval()
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return tiny_sd15_model()
 
 
 def sd15_pipeline(model: DiffusionModel, unet=None):
@@ -176,24 +203,9 @@ def test_latent_shift_factor():
 def test_sd3_structure_encode_prompts_matches_pipeline(tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    torch.manual_seed(0)
-    tok = build_word_tokenizer(VOCAB, max_length=8)
-
-    def clip(hidden):
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=8, projection_dim=16, pad_token_id=0, bos_token_id=2,
-            eos_token_id=3)).eval()
-
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
-    transformer = build_sd3_like_transformer(
-        sample_size=16, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    model = DiffusionModel(transformer, scheduler, (4, 16, 16), vae=tiny_vae(), text_encoder=clip(16),
-                           tokenizer=tok, text_encoder_2=clip(24), tokenizer_2=tok, text_encoder_3=t5,
-                           tokenizer_3=tok).eval()
+    model = tiny_sd3_model()
+    transformer, tok, t5 = model.net, model.tokenizer, model.text_encoder_3
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
     assert model.schedule.family == "flow" and model.max_sequence_length == 8
     cond = model.encode_prompts(PROMPTS)
     assert cond["encoder_hidden_states"].shape == (2, 8 + 8, 32)
