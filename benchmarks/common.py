@@ -46,6 +46,10 @@ def deep_merge(old, new, depth: int | None = None):
 
 
 def git_commit() -> str:
+    """HEAD (``-dirty`` with uncommitted changes to tracked files); ``$LIT_DISTILL_COMMIT`` when set, for runs
+    on a copy of the tree without ``.git`` (the GPU machine)."""
+    if os.environ.get("LIT_DISTILL_COMMIT"):
+        return os.environ["LIT_DISTILL_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
@@ -75,6 +79,28 @@ def write_results(name: str, figures: dict, out: str | os.PathLike | None = None
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
     print(f"[{name}] wrote {path}")
+    return path
+
+
+def merge_part(path: str | os.PathLike, part: str | os.PathLike, merge_depth: int = 2) -> Path:
+    """Merge the results file ``part`` (written by another run, e.g. on the GPU machine) into ``path``: its
+    figures deep-merged down to ``merge_depth`` and its own command / device / date / commit recorded under
+    ``provenance`` for each top-level figure it wrote, so a file assembled from several runs says which run
+    measured what. The top-level stamp becomes the latest part's."""
+    path, new = Path(path), json.loads(Path(part).read_text())
+    run = {key: new[key] for key in ("command", "device", "date", "commit")}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("benchmark") != new.get("benchmark"):
+            raise ValueError(f"{part} is a {new.get('benchmark')!r} result; {path} is {old.get('benchmark')!r}")
+        provenance = old.get("provenance") or {key: {k: old[k] for k in run} for key in old.get("figures", {})}
+        figures = deep_merge(old.get("figures", {}), new["figures"], merge_depth)
+    else:
+        provenance, figures = {}, new["figures"]
+    provenance = deep_merge(provenance, {key: run for key in new["figures"]}, 1)
+    record = {"benchmark": new["benchmark"], **run, "figures": figures, "provenance": provenance}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"[{new['benchmark']}] merged {part} into {path}")
     return path
 
 
@@ -157,3 +183,10 @@ def plot_bars(systems: dict[str, dict], tasks: list[str], path: str, ylabel: str
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # python benchmarks/common.py merge RESULTS.json PART.json [PART.json ...]
+    if len(sys.argv) < 4 or sys.argv[1] != "merge":
+        raise SystemExit("usage: python benchmarks/common.py merge RESULTS.json PART.json [PART.json ...]")
+    for part in sys.argv[3:]:
+        merge_part(sys.argv[2], part)

@@ -85,6 +85,7 @@ def parse(argv=None):
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS))
     p.add_argument("--out", default="benchmarks/results/one_step.json")
+    p.add_argument("--no-docs", action="store_true", help="do not touch docs/ (e.g. when --out is a part to merge)")
     p.add_argument("--docs-only", action="store_true", help="measure nothing: rebuild figure and table from --out")
     return p.parse_args(argv)
 
@@ -92,11 +93,14 @@ def parse(argv=None):
 def main(argv=None):
     args = parse(argv)
     if not args.docs_only:
-        write_results("one_step", measure(args), args.out)
-    write_docs(args.out)
+        for figures in measure(args):  # written after every system: a run stopped by a time limit keeps them
+            write_results("one_step", figures, args.out)
+    if not args.no_docs:
+        write_docs(args.out)
 
 
-def measure(args) -> dict:
+def measure(args):
+    """Yields the figures measured so far after each system."""
     updates = args.updates or (40 if args.cpu else 600)
     every = args.every or max(1, updates // 6)
     num_samples = args.num_samples or (200 if args.cpu else 1000)
@@ -114,6 +118,13 @@ def measure(args) -> dict:
     print(f"[one_step] teacher ({args.teacher_steps} ODE steps): fid_classifier {teacher_fid:.2f}", flush=True)
 
     curves, seconds = {}, {}
+
+    def figures():
+        return {"fid_features": "classifier", "teacher_fid": round(teacher_fid, 3), "teacher_steps": args.teacher_steps,
+                "curves": curves, "wall_seconds": seconds, "generator_updates": updates, "num_samples": num_samples,
+                "note": "DisBack's stage-0 degradation recording trains only the auxiliary score; its steps are not "
+                        "generator updates and are not on the x axis"}
+
     for name in args.systems:
         cls, kwargs = SYSTEMS[name]
         print(f"[one_step] {name}", flush=True)
@@ -125,11 +136,7 @@ def measure(args) -> dict:
                   enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[curve]).fit(
             module, ImageDataModule("embedded:digits", resolution=16, batch_size=args.batch_size, repeat=50))
         curves[name], seconds[name] = curve.points, round(time.time() - start, 1)
-
-    return {"fid_features": "classifier", "teacher_fid": round(teacher_fid, 3), "teacher_steps": args.teacher_steps,
-            "curves": curves, "wall_seconds": seconds, "generator_updates": updates, "num_samples": num_samples,
-            "note": "DisBack's stage-0 degradation recording trains only the auxiliary score; its steps are not "
-                    "generator updates and are not on the x axis"}
+        yield figures()
 
 
 def write_docs(results: str) -> None:

@@ -855,6 +855,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md (implied by --tiny)")
     parser.add_argument("--copy-to", default=None, help="also copy the results JSON into this folder (e.g. $OUT on "
                                                         "the GPU machine, whose files come back)")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds after which no further method "
+                                                                         "is started (results are saved per method)")
     parser.add_argument("--docs-only", action="store_true", help="measure nothing: rewrite the throughput section "
                                                                  "of docs/benchmarks.md from the results JSON")
     args = parser.parse_args(argv)
@@ -899,16 +901,21 @@ def main(argv: Optional[list[str]] = None) -> None:
                                         "sample_shape": list(spec.sample_shape),
                                         "cond_shapes": {k: list(v) for k, v in spec.cond_shapes.items()}}
             results = {}
+            suffix = "_compile" if args.compile else ""  # compiled runs go beside the eager ones
+            figures[("methods" if key == "unet" else "methods_sd3") + suffix] = results
+            figures["model" if key == "unet" else "model_sd3"] = spec.label
             for method in [m for m in args.methods if m in spec.methods]:
+                if args.time_budget and time.time() - started > args.time_budget:
+                    say(f"{key}/{method}: skipped (--time-budget {args.time_budget:.0f} s spent)")
+                    continue
                 try:
                     results[method] = bench_method(method, spec, args, peak)
                 except Exception as error:  # noqa: BLE001 - record it, go on with the next method
                     say(f"  {key}/{method} FAILED: {type(error).__name__}: {error}")
                     results[method] = {"error": f"{type(error).__name__}: {error}"[:500]}
                     free_memory()
-            suffix = "_compile" if args.compile else ""  # compiled runs go beside the eager ones
-            figures[("methods" if key == "unet" else "methods_sd3") + suffix] = results
-            figures["model" if key == "unet" else "model_sd3"] = spec.label
+                # after every method, so that a run stopped by a time limit keeps what it measured
+                write_results("throughput", figures, args.out, merge=True, merge_depth=2)
     figures["wall_seconds_last_run"] = time.time() - started
     path = write_results("throughput", figures, args.out, merge=True, merge_depth=2)  # method entries replaced
     if not (args.tiny or args.no_docs):
