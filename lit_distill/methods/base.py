@@ -43,7 +43,8 @@ class DistillModule(L.LightningModule):
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError(f"{type(self).__name__} has no trainable parameters: check lora/freeze options")
-        fused = self.device.type == "cuda"
+        # fused AdamW on CUDA, unless fp16 loss scaling: Lightning cannot clip before a fused optimiser unscales
+        fused = self.device.type == "cuda" and self._grad_scaler() is None
         return torch.optim.AdamW(params, lr=lr or self.lr, betas=self.betas, weight_decay=self.weight_decay, fused=fused)
 
     def prepare_network(self, net: nn.Module) -> nn.Module:
@@ -91,9 +92,26 @@ class DistillModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if max_grad_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+            self.clip_grad_norm(optimizer, max_grad_norm)
         optimizer.step()
         return True
+
+    def clip_grad_norm(self, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+        """Clip the optimiser's gradients to global norm ``max_norm``. Without fp16 loss scaling this is
+        ``torch.nn.utils.clip_grad_norm_`` (what Lightning itself calls; under FSDP2 the gradients are sharded
+        ``DTensor`` s and the norm is still global). Lightning's ``clip_gradients`` is not used there because its
+        mixed-precision plugin refuses every fused optimiser, even in bf16 where nothing is scaled."""
+        if self._grad_scaler() is not None:  # fp16: Lightning unscales the gradients first
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def _grad_scaler(self):
+        """The fp16 ``GradScaler`` of the trainer's precision plugin, or None (bf16, fp32, no trainer)."""
+        if self._trainer is None:
+            return None
+        return getattr(self.trainer.precision_plugin, "scaler", None)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,0 +1,44 @@
+"""The shared manual update (``DistillModule.apply_update``): clipping by global norm works with a fused AdamW
+under bf16 autocast, the configuration every GPU run uses (Lightning's own ``clip_gradients`` refuses it)."""
+import lightning as L
+import torch
+from torch import nn
+
+from lit_distill.methods.base import DistillModule
+
+
+class ClipProbe(DistillModule):
+    """Steps a linear layer once per batch on a loss with a huge gradient, clipped to norm 1."""
+
+    def __init__(self, fused: bool):
+        super().__init__(lr=1e-3)
+        self.automatic_optimization = False
+        self.fused = fused
+        self.layer = nn.Linear(8, 8)
+        self.norms = []
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.layer.parameters(), lr=self.lr, fused=self.fused)
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers().optimizer
+        original = optimizer.step
+
+        def record_then_step(*args, **kwargs):  # the norm the optimiser sees, after clipping
+            self.norms.append(float(torch.cat([p.grad.flatten() for p in self.layer.parameters()]).norm()))
+            return original(*args, **kwargs)
+
+        optimizer.step = record_then_step
+        loss = 1e4 * self.layer(batch[0]).float().pow(2).mean()
+        assert self.apply_update(self.optimizers(), loss, "probe", max_grad_norm=1.0)
+        optimizer.step = original
+
+
+def test_clipping_with_a_fused_optimizer_under_bf16_autocast():
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(6, 8)), batch_size=2)
+    module = ClipProbe(fused=True)  # fused AdamW runs on the CPU too (torch >= 2.4)
+    L.Trainer(accelerator="cpu", precision="bf16-mixed", max_epochs=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(module, data)
+    assert len(module.norms) == 3
+    assert all(abs(n - 1.0) < 1e-3 for n in module.norms), module.norms  # clipped from ~1e4 to 1
