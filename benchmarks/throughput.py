@@ -731,6 +731,43 @@ def bench_method(method: str, spec: Spec, args, peak_tflops: float) -> dict:
     return entry
 
 
+# -- profile -----------------------------------------------------------------------------------------
+class ProfileStep(L.Callback):
+    """``torch.profiler`` around training step ``at`` (after warm-up); the operator table goes to ``path``."""
+
+    def __init__(self, at: int, path: str):
+        self.at, self.path, self.prof = at, path, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.at:
+            from torch.profiler import ProfilerActivity, profile
+
+            cuda = pl_module.device.type == "cuda"
+            self.prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            self.prof.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.at and self.prof is not None:
+            cuda = pl_module.device.type == "cuda"
+            if cuda:
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            table = self.prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40, max_name_column_width=60)
+            Path(self.path).write_text(table)
+            say(f"wrote the profile of step {self.at} to {self.path}")
+
+
+def profile_method(method: str, spec: Spec, args) -> None:
+    """One profiled training step of ``method`` (eager or ``--compile``) after one warm-up step."""
+    module = build_module(method, spec, args.device, gradient_checkpointing=args.gradient_checkpointing == "on",
+                          compile=args.compile, tiny=args.tiny)
+    trainer = L.Trainer(accelerator="gpu" if args.device.type == "cuda" else "cpu", devices=1,
+                        precision=args.precision, max_epochs=1, limit_train_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ProfileStep(1, args.profile_out)])
+    trainer.fit(module, make_loader(method, spec, 2))
+
+
 # -- DDP scaling ---------------------------------------------------------------------------------------
 def ddp_worker(args) -> None:
     """One measurement of TeacherRL on the UNet with ``--devices`` GPUs (Lightning ``strategy="ddp"`` relaunches
@@ -855,6 +892,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md (implied by --tiny)")
     parser.add_argument("--copy-to", default=None, help="also copy the results JSON into this folder (e.g. $OUT on "
                                                         "the GPU machine, whose files come back)")
+    parser.add_argument("--profile", choices=ALL_METHODS, default=None, help="profile one step of this method on "
+                        "--model (torch.profiler operator table to --profile-out) instead of timing")
+    parser.add_argument("--profile-out", default="profile.txt")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds after which no further method "
                                                                          "is started (results are saved per method)")
     parser.add_argument("--docs-only", action="store_true", help="measure nothing: rewrite the throughput section "
@@ -879,6 +919,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     if args.ddp_worker:
         ddp_worker(args)
+        return
+    if args.profile:
+        profile_method(args.profile, model_specs(args.tiny)[args.model if args.model != "all" else "unet"], args)
         return
     started = time.time()
     if args.ddp_scaling:
