@@ -97,7 +97,12 @@ def merge_part(path: str | os.PathLike, part: str | os.PathLike, merge_depth: in
         figures = deep_merge(old.get("figures", {}), new["figures"], merge_depth)
     else:
         provenance, figures = {}, new["figures"]
-    provenance = deep_merge(provenance, {key: run for key in new["figures"]}, 1)
+    for key, value in new["figures"].items():
+        stamp = dict(run)
+        if merge_depth >= 2 and isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+            # entries (e.g. one per method) merged from several runs: say which run measured each one
+            stamp["entries"] = {**(provenance.get(key) or {}).get("entries", {}), **{name: run for name in value}}
+        provenance[key] = stamp
     record = {"benchmark": new["benchmark"], **run, "figures": figures, "provenance": provenance}
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"[{new['benchmark']}] merged {part} into {path}")

@@ -716,7 +716,7 @@ def bench_method(method: str, spec: Spec, args, peak_tflops: float) -> dict:
         "images_per_step": images, "step_s": ours["step_s"], "rollout_s": rollout_s, "update_s": update_s,
         "steps_s": ours["steps_s"], "warmup_steps": warmup, "timed_steps": steps,
         "gradient_checkpointing": ours["gradient_checkpointing"], "compile": bool(args.compile),
-        "precision": args.precision, "tflop_per_step": {"rollout": flops_rollout and flops_rollout / 1e12,
+        "precision": args.precision, "peak_tflops": peak_tflops, "tflop_per_step": {"rollout": flops_rollout and flops_rollout / 1e12,
                                                          "update": flops_update and flops_update / 1e12},
         "tflop_per_image": {k: v / 1e12 for k, v in counts.items()},
         "diagnostics": ours.get("metrics", {}),

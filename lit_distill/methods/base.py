@@ -94,7 +94,18 @@ class DistillModule(L.LightningModule):
         if max_grad_norm:
             self.clip_grad_norm(optimizer, max_grad_norm)
         optimizer.step()
+        self.weights_changed()
         return True
+
+    @staticmethod
+    def weights_changed() -> None:
+        """Call after changing trained weights in place inside ``training_step``: drops autocast's cache of
+        bf16 weight casts. A cache-enabled autocast region (``torch.autocast``'s default) keeps the cast of every
+        fp32 parameter that requires grad until the region ends, with no check of the parameter's version, so
+        forwards after an in-place update in the same region would run the old weights. Lightning's
+        mixed-precision plugin opens its region with ``cache_enabled=False``; this guards the methods when they
+        run under a user's own autocast (a notebook, a custom loop)."""
+        torch.clear_autocast_cache()
 
     def clip_grad_norm(self, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
         """Clip the optimiser's gradients to global norm ``max_norm``. Without fp16 loss scaling this is

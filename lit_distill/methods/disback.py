@@ -113,6 +113,7 @@ class DisBackStudent(OneStepModule):
             on_disk = isinstance(entry, (str, Path))
             state = torch.load(entry, map_location="cpu", weights_only=True) if on_disk else entry
         self.real_score.net.load_state_dict(state)
+        self.weights_changed()
 
     def should_advance(self, stage_steps: int, mismatch_history: list[float]) -> bool:
         """Whether the generator has matched the current target (a seam: override for another rule).
