@@ -84,6 +84,8 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS))
+    p.add_argument("--override", type=json.loads, default={}, help="JSON of keyword arguments given to every "
+                   "system's module, e.g. '{\"betas\": [0.0, 0.999]}'")
     p.add_argument("--out", default="benchmarks/results/one_step.json")
     p.add_argument("--no-docs", action="store_true", help="do not touch docs/ (e.g. when --out is a part to merge)")
     p.add_argument("--docs-only", action="store_true", help="measure nothing: rebuild figure and table from --out")
@@ -122,6 +124,7 @@ def measure(args):
     def figures():
         return {"fid_features": "classifier", "teacher_fid": round(teacher_fid, 3), "teacher_steps": args.teacher_steps,
                 "curves": curves, "wall_seconds": seconds, "generator_updates": updates, "num_samples": num_samples,
+                "override": args.override,
                 "note": "DisBack's stage-0 degradation recording trains only the auxiliary score; its steps are not "
                         "generator updates and are not on the x axis"}
 
@@ -129,7 +132,7 @@ def measure(args):
         cls, kwargs = SYSTEMS[name]
         print(f"[one_step] {name}", flush=True)
         torch.manual_seed(0)
-        module = cls(str(base), **kwargs)
+        module = cls(str(base), **{**kwargs, **args.override})
         curve = Curve(fid_callback(), every, updates)
         start = time.time()
         L.Trainer(max_steps=100 * updates, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,

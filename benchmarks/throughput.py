@@ -354,6 +354,12 @@ def fit_and_time(method: str, spec: Spec, args, *, precision: str, gradient_chec
     device = args.device
     module = build_module(method, spec, device, gradient_checkpointing=gradient_checkpointing, compile=compile,
                           tiny=args.tiny)
+    if args.channels_last and not naive:  # an experiment: NHWC activations for cuDNN's convolutions
+        for sub in module.modules():
+            if isinstance(sub, DiffusionModel):
+                sub.net.to(memory_format=torch.channels_last)
+        for teacher in getattr(module, "teachers", {}).values():
+            teacher.net.to(memory_format=torch.channels_last)
     if naive:  # the fp32 reference of the one-step methods and pretraining: non-fused AdamW
         def plain_adamw(params, lr=None, _m=module):
             return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr or _m.lr, betas=_m.betas,
@@ -832,22 +838,31 @@ def docs_section(doc: dict) -> str:
     f = doc["figures"]
     pct = lambda v: None if v is None else f"{100 * v:.0f}%"  # noqa: E731
     num = lambda v, d=1: None if v is None else f"{v:.{d}f}"  # noqa: E731
+    peaks = sorted({round(m["peak_tflops"]) for key in f if key.startswith("methods")
+                    for m in (f.get(key) or {}).values() if "peak_tflops" in m} or {round(f.get("peak_tflops", 0))})
+    peak_text = f"{peaks[0]}" if len(peaks) == 1 else f"{peaks[0]}-{peaks[-1]}"
     lines = [f"Measured by `benchmarks/throughput.py` (results: `benchmarks/results/throughput.json`; the runs "
              "that wrote each part are listed under `provenance` there). Random-weight denoisers at real size, text "
              "encoders stubbed, one training step = rollout + update (see the script's docstring for the exact "
-             f"workloads and the naive reference). bf16 matmul peak measured in the same run: "
-             f"**{f.get('peak_tflops', 0):.3g} TFLOP/s**.", ""]
+             "workloads and the naive reference). MFU is relative to the bf16 matmul peak measured in the same run "
+             f"as each row: **{peak_text} TFLOP/s**.", ""]
     header = ["method", "images/s", "rollout img/s", "update img/s", "MFU rollout", "MFU update", "peak GiB",
               "grad. ckpt", "naive img/s", "speedup"]
-    for key, label_key in (("methods", "model"), ("methods_sd3", "model_sd3"), ("methods_compile", "model"),
-                           ("methods_sd3_compile", "model_sd3")):
+    for key in sorted((k for k in f if k.startswith("methods")), key=lambda k: (k.startswith("methods_sd3"), len(k))):
+        label_key = "model_sd3" if key.startswith("methods_sd3") else "model"
         methods = f.get(key) or {}
         if not methods:
             continue
         prov = doc.get("provenance", {}).get(key, doc)
-        compiled = " with `compile=True`" if key.endswith("_compile") else ""
+        compiled = (" with `compile=True`" if "_compile" in key else "") + \
+            (" in channels-last memory format" if "_channels_last" in key else "")
         lines += [f"**{f.get(label_key, key)}**{compiled} — `{prov.get('command', '')}` on {prov.get('device', '')}, "
                   f"{prov.get('date', '')}, commit `{str(prov.get('commit', ''))[:12]}`", ""]
+        others = {name: run for name, run in prov.get("entries", {}).items()
+                  if name in methods and run.get("command") != prov.get("command")}
+        for name, run in others.items():
+            lines += [f"Row `{name}`: `{run['command']}` on {run['device']}, {run['date']}, commit "
+                      f"`{run['commit'][:12]}`.", ""]
         rows = []
         for name, m in methods.items():
             if "error" in m:
@@ -876,6 +891,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method (default 2 RL, 5 one-step, 10 pretrain)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per method (default 1 RL, 2 one-step, 3 pretrain; +1 with --compile)")
     parser.add_argument("--compile", action="store_true", help="the modules' compile=True (nn.Module.compile of the trained net)")
+    parser.add_argument("--channels-last", action="store_true", help="convert the trained and frozen nets to "
+                        "channels-last memory format (results under methods*_channels_last)")
     parser.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--precision", default=None, help="default bf16-mixed on GPU, 32-true with --tiny")
     parser.add_argument("--naive-chunks", type=int, default=3, help="minibatches the naive RL update is timed over")
@@ -944,7 +961,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                                         "sample_shape": list(spec.sample_shape),
                                         "cond_shapes": {k: list(v) for k, v in spec.cond_shapes.items()}}
             results = {}
-            suffix = "_compile" if args.compile else ""  # compiled runs go beside the eager ones
+            # compiled / channels-last runs go beside the eager ones
+            suffix = ("_compile" if args.compile else "") + ("_channels_last" if args.channels_last else "")
             figures[("methods" if key == "unet" else "methods_sd3") + suffix] = results
             figures["model" if key == "unet" else "model_sd3"] = spec.label
             for method in [m for m in args.methods if m in spec.methods]:
