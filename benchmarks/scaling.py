@@ -1,0 +1,175 @@
+"""Multi-GPU scaling of the on-policy training steps: TeacherRL and OPDStudent on the SD-1.5-size UNet under DDP
+and FSDP on 1, 2, 4 (and 8) GPUs with the same per-GPU batch.
+
+Each (method, strategy, GPUs) point is a fresh process group launched by Lightning (``strategy`` ddp: Lightning's
+DDP through :func:`lit_distill.distributed.ddp_strategy`; fsdp: :func:`lit_distill.distributed.fsdp_strategy`, FSDP2
+sharding the student per diffusers block, teachers replicated). The workload and timing are
+``benchmarks/throughput.py``'s (its ``build_module``, ``make_loader`` and CUDA-event ``StepTimer``): per GPU 4
+prompts x 8 rollouts = 32 images, 10 SDE steps, every (sample, step) pair trained in minibatches of 32.
+``images_per_s`` = GPUs x 32 / median step time of rank 0; efficiency(N) = images/s(N) / (N x images/s(1)) for
+the same method and strategy. Peak memory is rank 0's ``torch.cuda.max_memory_allocated``.
+
+    python benchmarks/scaling.py                          # every GPU count up to the machine's, DDP and FSDP
+    python benchmarks/scaling.py --gpus 1 2 4 --strategies ddp
+    python benchmarks/scaling.py --tiny --gpus 1 2        # CPU smoke test on gloo (tiny UNet, fp32)
+    python benchmarks/scaling.py --docs-only              # table and plot from the JSON
+
+It measures the training command of the README's multi-GPU section, e.g.
+``lit-distill fit --config configs/teacher_rl/sd_local.yaml --trainer.devices 4 --trainer.strategy ddp``, with the
+text encoder stubbed and random weights. Results: ``benchmarks/results/scaling.json`` (``figures.points``, one
+entry per method/strategy/GPUs; ``figures.efficiency``), the ``scaling`` section of docs/benchmarks.md and
+``docs/scaling.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import ROOT, markdown_table, update_markdown_section, write_results, _pyplot  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "scaling.json"
+METHODS = ("teacher_rl", "opd")
+STRATEGIES = ("ddp", "fsdp")
+
+
+def worker(args) -> None:
+    """One point: fit ``warmup + steps`` batches on ``--devices`` GPUs; rank 0 writes ``--result``."""
+    import lightning as L
+    import torch
+
+    import throughput as tp
+    from lit_distill.distributed import ddp_strategy, fsdp_strategy
+
+    cuda = not args.tiny
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    spec = tp.model_specs(args.tiny)["unet"]
+    module = tp.build_module(args.method, spec, device, gradient_checkpointing=args.gradient_checkpointing,
+                             compile=False, tiny=args.tiny)
+    timer = tp.StepTimer(module, tp.Clock(cuda))
+    strategy = "auto"
+    if args.devices > 1 or args.strategy == "fsdp":
+        strategy = ddp_strategy() if args.strategy == "ddp" else fsdp_strategy()
+    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=args.devices, strategy=strategy,
+                        precision="32-true" if args.tiny else "bf16-mixed", max_epochs=1,
+                        limit_train_batches=args.warmup + args.steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.fit(module, tp.make_loader(args.method, spec, args.warmup + args.steps, world=args.devices))
+    if trainer.global_rank == 0:
+        out = timer.result(args.warmup)
+        out["images_per_s"] = args.devices * spec.rollout_batch / out["step_s"]
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+        Path(args.result).write_text(json.dumps(out))
+
+
+def measure(args) -> dict:
+    import torch
+
+    available = torch.cuda.device_count()
+    if not args.tiny and available < 1:
+        raise SystemExit("no CUDA device: run on GPUs, or pass --tiny for the CPU smoke test")
+    gpus = args.gpus or [n for n in (1, 2, 4, 8) if n <= available]
+    if not args.tiny and max(gpus) > available:
+        raise SystemExit(f"--gpus {gpus}: this machine has {available} GPUs")
+    points, started = [], time.time()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0"}  # NVLink multicast stays off
+    for method in args.methods:
+        for strategy in args.strategies:
+            for n in gpus:
+                result = Path(args.out).with_name(f".scaling_{method}_{strategy}_{n}.json")
+                command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", method,
+                           "--strategy", strategy, "--devices", str(n), "--result", str(result),
+                           "--warmup", str(args.warmup), "--steps", str(args.steps)]
+                command += ["--tiny"] if args.tiny else []
+                command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+                print(f"[scaling] {method} {strategy} on {n} device(s)", flush=True)
+                proc = subprocess.run(command, env=env)
+                if proc.returncode != 0 or not result.is_file():
+                    points.append({"method": method, "strategy": strategy, "gpus": n,
+                                   "error": f"worker exited with {proc.returncode}"})
+                    continue
+                point = {"method": method, "strategy": strategy, "gpus": n, **json.loads(result.read_text())}
+                result.unlink()
+                points.append(point)
+                print(f"[scaling]   {point['images_per_s']:.2f} images/s, peak {point['peak_mem_gib'] or 0:.1f} GiB",
+                      flush=True)
+    return {"points": points, "efficiency": efficiency(points), "per_gpu_images_per_step": 32 if not args.tiny else None,
+            "model": "UNet2DConditionModel sd15-size" if not args.tiny else "tiny UNet (CPU, gloo)",
+            "wall_seconds": round(time.time() - started, 1)}
+
+
+def efficiency(points: list[dict]) -> dict:
+    """``{"method/strategy": {"N": images/s(N) / (N x images/s(1))}}`` over the points that ran."""
+    out = {}
+    for p in points:
+        one = next((q for q in points if q["method"] == p["method"] and q["strategy"] == p["strategy"]
+                    and q["gpus"] == 1 and "error" not in q), None)
+        if one is not None and "error" not in p:
+            out.setdefault(f"{p['method']}/{p['strategy']}", {})[str(p["gpus"])] = \
+                p["images_per_s"] / (p["gpus"] * one["images_per_s"])
+    return out
+
+
+def write_docs(path: Path) -> None:
+    record = json.loads(path.read_text())
+    f = record["figures"]
+    rows = []
+    for p in f["points"]:
+        eff = f["efficiency"].get(f"{p['method']}/{p['strategy']}", {}).get(str(p["gpus"]))
+        rows.append([p["method"], p["strategy"], p["gpus"], "error" if "error" in p else f"{p['images_per_s']:.2f}",
+                     None if eff is None else f"{100 * eff:.0f}%",
+                     None if p.get("peak_mem_gib") is None else f"{p['peak_mem_gib']:.1f}"])
+    lines = [f"`{record['command']}` on **{record['device']}**, {record['date']}, commit `{record['commit'][:12]}`. "
+             f"{f['model']}; plot: `docs/scaling.png`.", ""]
+    update_markdown_section("scaling", "\n".join(lines + markdown_table(
+        ["method", "strategy", "GPUs", "images/s", "efficiency", "peak GiB (rank 0)"], rows)))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    for key, effs in f["efficiency"].items():
+        xs = sorted(int(n) for n in effs)
+        ax.plot(xs, [effs[str(n)] for n in xs], marker="o", label=key)
+    ax.set_xlabel("GPUs"), ax.set_ylabel("scaling efficiency"), ax.set_ylim(0, 1.1), ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "scaling.png")
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpus", type=int, nargs="+", default=None, help="GPU counts (default 1, 2, 4, 8 up to the machine's)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny UNet on CPU processes over gloo (smoke test)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--docs-only", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", default="teacher_rl", help=argparse.SUPPRESS)
+    p.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
+    p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.out = args.out or str(DEFAULT_OUT.with_name("scaling_tiny.json") if args.tiny else DEFAULT_OUT)
+    if args.worker:
+        worker(args)
+        return
+    if not args.docs_only:
+        write_results("scaling", measure(args), args.out)
+    if not args.tiny:
+        write_docs(Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

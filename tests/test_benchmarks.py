@@ -1,0 +1,30 @@
+"""The GPU benchmark scripts run end to end on the CPU in their ``--tiny`` mode (tiny models, fp32, gloo), so a
+broken script is found here rather than on a lent GPU machine."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, cwd=ROOT, timeout=600)
+
+
+def test_throughput_tiny_times_ours_and_the_naive_loop(tmp_path):
+    out = tmp_path / "throughput.json"
+    run("throughput.py", "--tiny", "--model", "unet", "--methods", "teacher_rl", "--out", str(out))
+    record = json.loads(out.read_text())
+    entry = record["figures"]["methods"]["teacher_rl"]
+    assert entry["images_per_s"] > 0 and entry["naive_images_per_s"] > 0
+    assert entry["rollout_s"] < entry["step_s"] and entry["tflop_per_step"]["update"] > 0
+    assert {"command", "device", "date", "commit"} <= set(record)
+
+
+def test_scaling_tiny_runs_ddp_on_one_and_two_processes(tmp_path):
+    out = tmp_path / "scaling.json"
+    run("scaling.py", "--tiny", "--gpus", "1", "2", "--methods", "teacher_rl", "--strategies", "ddp", "--out", str(out))
+    figures = json.loads(out.read_text())["figures"]
+    assert [(p["gpus"], "error" in p) for p in figures["points"]] == [(1, False), (2, False)]
+    assert set(figures["efficiency"]["teacher_rl/ddp"]) == {"1", "2"}
