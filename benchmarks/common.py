@@ -5,7 +5,9 @@ in docs/benchmarks.md, and figures.
 "commit", "figures"}``; with ``merge=True`` the new figures are merged into the file's (each top-level key
 replaced; with ``merge_depth=2`` dicts are merged one level further, e.g. ``figures["methods"]`` method by
 method), so parts of one benchmark measured by separate runs (one GPU, then two) end up in one file, and
-``provenance[key]`` keeps the command, device, date and commit of the run that wrote each top-level key. ``update_markdown_section`` replaces the text between
+``provenance[key]`` keeps the command, device, date and commit of the run that wrote each top-level key
+(:func:`merged_record`; ``merge_part`` merges a results file written elsewhere the same way).
+``update_markdown_section`` replaces the text between
 ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of docs/benchmarks.md; ``update_docs_table`` writes one
 table there stamped with its results file."""
 from __future__ import annotations
@@ -70,11 +72,9 @@ def write_results(name: str, figures: dict, out: str | os.PathLike | None = None
     run = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "device": device_name(),
            "date": utc_now(), "commit": git_commit()}
     record = {"benchmark": name, **run, "figures": figures}
-    if merge and path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("benchmark") == name:
-            record["figures"] = deep_merge(old.get("figures", {}), figures, merge_depth)
-            record["provenance"] = deep_merge(old.get("provenance", {}), {key: run for key in figures})
+    old = json.loads(path.read_text()) if merge and path.is_file() else {}
+    if old.get("benchmark") == name:  # a file of another benchmark is overwritten
+        record = merged_record(old, record, merge_depth)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
@@ -82,28 +82,30 @@ def write_results(name: str, figures: dict, out: str | os.PathLike | None = None
     return path
 
 
-def merge_part(path: str | os.PathLike, part: str | os.PathLike, merge_depth: int = 2) -> Path:
-    """Merge the results file ``part`` (written by another run, e.g. on the GPU machine) into ``path``: its
-    figures deep-merged down to ``merge_depth`` and its own command / device / date / commit recorded under
-    ``provenance`` for each top-level figure it wrote, so a file assembled from several runs says which run
-    measured what. The top-level stamp becomes the latest part's."""
-    path, new = Path(path), json.loads(Path(part).read_text())
+def merged_record(old: dict, new: dict, merge_depth: int = 2) -> dict:
+    """The results record ``new`` merged into ``old`` (records of the same benchmark): figures deep-merged down to ``merge_depth``,
+    and ``new``'s command / device / date / commit recorded under ``provenance`` for each top-level figure it
+    wrote (and, for figures merged entry by entry, e.g. one per method, under ``provenance[key]["entries"]``),
+    so a file assembled from several runs says which run measured what. The top-level stamp becomes ``new``'s."""
     run = {key: new[key] for key in ("command", "device", "date", "commit")}
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("benchmark") != new.get("benchmark"):
-            raise ValueError(f"{part} is a {new.get('benchmark')!r} result; {path} is {old.get('benchmark')!r}")
-        provenance = old.get("provenance") or {key: {k: old[k] for k in run} for key in old.get("figures", {})}
-        figures = deep_merge(old.get("figures", {}), new["figures"], merge_depth)
-    else:
-        provenance, figures = {}, new["figures"]
+    provenance = old.get("provenance") or {key: {k: old[k] for k in run} for key in old.get("figures", {})}
     for key, value in new["figures"].items():
         stamp = dict(run)
         if merge_depth >= 2 and isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
-            # entries (e.g. one per method) merged from several runs: say which run measured each one
             stamp["entries"] = {**(provenance.get(key) or {}).get("entries", {}), **{name: run for name in value}}
         provenance[key] = stamp
-    record = {"benchmark": new["benchmark"], **run, "figures": figures, "provenance": provenance}
+    return {"benchmark": new["benchmark"], **run,
+            "figures": deep_merge(old.get("figures", {}), new["figures"], merge_depth), "provenance": provenance}
+
+
+def merge_part(path: str | os.PathLike, part: str | os.PathLike, merge_depth: int = 2) -> Path:
+    """Merge the results file ``part`` (written by another run, e.g. on the GPU machine) into ``path``
+    (:func:`merged_record`; ``path`` is created if it does not exist yet)."""
+    path, new = Path(path), json.loads(Path(part).read_text())
+    old = json.loads(path.read_text()) if path.is_file() else {"benchmark": new["benchmark"]}
+    if old.get("benchmark") != new.get("benchmark"):
+        raise ValueError(f"{part} is a {new.get('benchmark')!r} result; {path} is {old.get('benchmark')!r}")
+    record = merged_record(old, new, merge_depth)
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"[{new['benchmark']}] merged {part} into {path}")
     return path
