@@ -42,7 +42,6 @@ STRATEGIES = ("ddp", "fsdp")
 
 def worker(args) -> None:
     """One point: fit ``warmup + steps`` batches on ``--devices`` GPUs; rank 0 writes ``--result``."""
-    import lightning as L
     import torch
 
     import throughput as tp
@@ -52,15 +51,13 @@ def worker(args) -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     spec = tp.model_specs(args.tiny)["unet"]
     module = tp.build_module(args.method, spec, device, gradient_checkpointing=args.gradient_checkpointing,
-                             compile=False, tiny=args.tiny)
+                             compile=args.compile, tiny=args.tiny)
     timer = tp.StepTimer(module, tp.Clock(cuda))
     strategy = "auto"
     if args.devices > 1 or args.strategy == "fsdp":
         strategy = ddp_strategy() if args.strategy == "ddp" else fsdp_strategy()
-    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=args.devices, strategy=strategy,
-                        precision="32-true" if args.tiny else "bf16-mixed", max_epochs=1,
-                        limit_train_batches=args.warmup + args.steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    precision = args.precision or ("32-true" if args.tiny else "bf16-mixed")
+    trainer = tp.make_trainer(device, precision, args.warmup + args.steps, [timer], args.devices, strategy)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     trainer.fit(module, tp.make_loader(args.method, spec, args.warmup + args.steps, world=args.devices))
@@ -69,6 +66,30 @@ def worker(args) -> None:
         out["images_per_s"] = args.devices * spec.rollout_batch / out["step_s"]
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
         Path(args.result).write_text(json.dumps(out))
+
+
+def run_point(method: str, strategy: str, devices: int, work_dir: Path, *, tiny: bool, warmup: int, steps: int,
+              gradient_checkpointing: bool = False, precision: str | None = None, compile: bool = False) -> dict:
+    """Launch :func:`worker` for one (method, strategy, devices) point in a fresh process (Lightning starts the
+    other ranks) and return rank 0's figures; raises ``RuntimeError`` if the worker fails."""
+    result = Path(work_dir) / f".scaling_{method}_{strategy}_{devices}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", method, "--strategy", strategy,
+               "--devices", str(devices), "--result", str(result), "--warmup", str(warmup), "--steps", str(steps)]
+    command += ["--tiny"] if tiny else []
+    command += ["--gradient-checkpointing"] if gradient_checkpointing else []
+    command += ["--compile"] if compile else []
+    command += ["--precision", precision] if precision else []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for key, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                       ("NVSHMEM_DISABLE_NVLS", "1")):  # NVLink multicast stays off (not needed here)
+        env.setdefault(key, value)
+    result.unlink(missing_ok=True)
+    code = subprocess.run(command, env=env).returncode
+    if code != 0 or not result.is_file():
+        raise RuntimeError(f"worker exited with {code}")
+    out = json.loads(result.read_text())
+    result.unlink()
+    return out
 
 
 def measure(args) -> dict:
@@ -81,24 +102,19 @@ def measure(args) -> dict:
     if not args.tiny and max(gpus) > available:
         raise SystemExit(f"--gpus {gpus}: this machine has {available} GPUs")
     points, started = [], time.time()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0"}  # NVLink multicast stays off
     for method in args.methods:
         for strategy in args.strategies:
             for n in gpus:
-                result = Path(args.out).with_name(f".scaling_{method}_{strategy}_{n}.json")
-                command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", method,
-                           "--strategy", strategy, "--devices", str(n), "--result", str(result),
-                           "--warmup", str(args.warmup), "--steps", str(args.steps)]
-                command += ["--tiny"] if args.tiny else []
-                command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
                 print(f"[scaling] {method} {strategy} on {n} device(s)", flush=True)
-                proc = subprocess.run(command, env=env)
-                if proc.returncode != 0 or not result.is_file():
-                    points.append({"method": method, "strategy": strategy, "gpus": n,
-                                   "error": f"worker exited with {proc.returncode}"})
+                point = {"method": method, "strategy": strategy, "gpus": n}
+                try:
+                    point.update(run_point(method, strategy, n, Path(args.out).parent, tiny=args.tiny,
+                                           warmup=args.warmup, steps=args.steps,
+                                           gradient_checkpointing=args.gradient_checkpointing,
+                                           precision=args.precision, compile=args.compile))
+                except RuntimeError as error:
+                    points.append({**point, "error": str(error)})
                     continue
-                point = {"method": method, "strategy": strategy, "gpus": n, **json.loads(result.read_text())}
-                result.unlink()
                 points.append(point)
                 print(f"[scaling]   {point['images_per_s']:.2f} images/s, peak {point['peak_mem_gib'] or 0:.1f} GiB",
                       flush=True)
@@ -152,6 +168,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="the modules' compile=True")
+    p.add_argument("--precision", default=None, help="default bf16-mixed (32-true with --tiny)")
     p.add_argument("--tiny", action="store_true", help="tiny UNet on CPU processes over gloo (smoke test)")
     p.add_argument("--out", default=None)
     p.add_argument("--docs-only", action="store_true")

@@ -81,7 +81,6 @@ import logging
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -348,6 +347,15 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def make_trainer(device: torch.device, precision: str, batches: int, callbacks: list, devices: int = 1,
+                 strategy="auto") -> L.Trainer:
+    """The benchmarks' Trainer: ``batches`` training batches, one epoch, no logging, checkpoints or validation."""
+    return L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=devices, strategy=strategy,
+                     precision=precision, max_epochs=1, limit_train_batches=batches, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
+
+
 def fit_and_time(method: str, spec: Spec, args, *, precision: str, gradient_checkpointing: bool, compile: bool,
                  naive: bool = False, warmup: int, steps: int) -> dict:
     """Build ``method``'s module, fit it for ``warmup + steps`` batches and time the steps."""
@@ -367,10 +375,7 @@ def fit_and_time(method: str, spec: Spec, args, *, precision: str, gradient_chec
         module.make_optimizer = plain_adamw
     clock = Clock(device.type == "cuda")
     timer = StepTimer(module, clock)
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
-                        max_epochs=1, limit_train_batches=warmup + steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[timer])
+    trainer = make_trainer(device, precision, warmup + steps, [timer])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -767,35 +772,11 @@ def profile_method(method: str, spec: Spec, args) -> None:
     """One profiled training step of ``method`` (eager or ``--compile``) after one warm-up step."""
     module = build_module(method, spec, args.device, gradient_checkpointing=args.gradient_checkpointing == "on",
                           compile=args.compile, tiny=args.tiny)
-    trainer = L.Trainer(accelerator="gpu" if args.device.type == "cuda" else "cpu", devices=1,
-                        precision=args.precision, max_epochs=1, limit_train_batches=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[ProfileStep(1, args.profile_out)])
-    trainer.fit(module, make_loader(method, spec, 2))
+    make_trainer(args.device, args.precision, 2, [ProfileStep(1, args.profile_out)]).fit(
+        module, make_loader(method, spec, 2))
 
 
 # -- DDP scaling ---------------------------------------------------------------------------------------
-def ddp_worker(args) -> None:
-    """One measurement of TeacherRL on the UNet with ``--devices`` GPUs (Lightning ``strategy="ddp"`` relaunches
-    this command for the other ranks); rank 0 writes ``--ddp-result``."""
-    spec = model_specs(args.tiny)["unet"]
-    devices = args.devices
-    warmup, steps = default_steps("teacher_rl", args)
-    module = build_module("teacher_rl", spec, args.device, gradient_checkpointing=args.gradient_checkpointing == "on",
-                          compile=args.compile, tiny=args.tiny)
-    timer = StepTimer(module, Clock(args.device.type == "cuda"))
-    trainer = L.Trainer(accelerator="gpu" if args.device.type == "cuda" else "cpu", devices=devices,
-                        strategy="ddp" if devices > 1 else "auto", precision=args.precision, max_epochs=1,
-                        limit_train_batches=warmup + steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
-    trainer.fit(module, make_loader("teacher_rl", spec, warmup + steps, world=devices))
-    if trainer.global_rank == 0:
-        out = timer.result(warmup)
-        out["images_per_s"] = devices * spec.rollout_batch / out["step_s"]
-        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if args.device.type == "cuda" else None
-        Path(args.ddp_result).write_text(json.dumps(out))
-
-
 def ddp_scaling(args) -> dict:
     """TeacherRL on the UNet with 1 and 2 GPUs at the same per-GPU batch (32 rollouts), each a fresh process."""
     count = torch.cuda.device_count()
@@ -806,28 +787,21 @@ def ddp_scaling(args) -> dict:
     if gc_mode == "auto":  # the single-GPU run found out; else checkpoint (a rank out of memory hangs the other)
         known = previous.get("methods", {}).get("teacher_rl", {}).get("gradient_checkpointing")
         gc_mode = "off" if known is False else "on"
+    from scaling import run_point  # one launcher of multi-process measurements (benchmarks/scaling.py)
+
+    warmup, steps = default_steps("teacher_rl", args)
     results = {}
     for devices in (1, 2):
-        result = Path(args.out).with_name(f".ddp_{devices}.json")
-        command = [sys.executable, str(Path(__file__).resolve()), "--ddp-worker", "--devices", str(devices),
-                   "--ddp-result", str(result), "--gradient-checkpointing", gc_mode, "--precision", args.precision]
-        command += (["--tiny"] if args.tiny else []) + (["--compile"] if args.compile else [])
-        command += [] if args.steps is None else ["--steps", str(args.steps)]
-        command += [] if args.warmup is None else ["--warmup", str(args.warmup)]
-        say(f"DDP: TeacherRL on the UNet with {devices} GPU(s): {' '.join(command[1:])}")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for key, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                           ("NVSHMEM_DISABLE_NVLS", "1")):  # NVLink multicast stays off (not needed here)
-            env.setdefault(key, value)
-        subprocess.run(command, check=True, env=env)
-        results[devices] = json.loads(result.read_text())
-        result.unlink()
+        say(f"DDP: TeacherRL on the UNet with {devices} GPU(s)")
+        results[devices] = run_point("teacher_rl", "ddp", devices, Path(args.out).parent, tiny=args.tiny,
+                                     warmup=warmup, steps=steps, gradient_checkpointing=gc_mode == "on",
+                                     precision=args.precision, compile=args.compile)
         say(f"  {devices} GPU(s): {results[devices]['images_per_s']:.2f} images/s")
     ips = {str(d): r["images_per_s"] for d, r in results.items()}
     return {"ddp_scaling": ips, "ddp_method": "teacher_rl",
             "ddp_details": {"model": model_specs(args.tiny)["unet"].label,
                             "per_gpu_images_per_step": model_specs(args.tiny)["unet"].rollout_batch,
-                            "strategy": "lightning ddp", "gradient_checkpointing": gc_mode == "on",
+                            "strategy": "DiffusionDDPStrategy", "gradient_checkpointing": gc_mode == "on",
                             "scaling_efficiency": ips["2"] / (2 * ips["1"]),
                             "step_s": {str(d): r["step_s"] for d, r in results.items()},
                             "peak_mem_gib": {str(d): r["peak_mem_gib"] for d, r in results.items()}}}
@@ -901,9 +875,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive reference")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU in fp32 (smoke test)")
     parser.add_argument("--ddp-scaling", action="store_true", help="TeacherRL images/s on 1 and 2 GPUs (DDP)")
-    parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--ddp-result", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=f"results JSON (default {DEFAULT_OUT.relative_to(ROOT)}; "
                                                     f"{TINY_OUT.relative_to(ROOT)} with --tiny)")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md (implied by --tiny)")
@@ -928,15 +899,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU, or pass --tiny for the CPU smoke test")
-    args.device = torch.device("cpu") if args.tiny else torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    args.device = torch.device("cpu") if args.tiny else torch.device("cuda")
     args.precision = args.precision or ("32-true" if args.tiny else "bf16-mixed")
     args.out = args.out or str(TINY_OUT if args.tiny else DEFAULT_OUT)
     if args.tiny:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
 
-    if args.ddp_worker:
-        ddp_worker(args)
-        return
     if args.profile:
         profile_method(args.profile, model_specs(args.tiny)[args.model if args.model != "all" else "unet"], args)
         return
