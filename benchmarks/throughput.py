@@ -878,8 +878,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", default=None, help=f"results JSON (default {DEFAULT_OUT.relative_to(ROOT)}; "
                                                     f"{TINY_OUT.relative_to(ROOT)} with --tiny)")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md (implied by --tiny)")
-    parser.add_argument("--copy-to", default=None, help="also copy the results JSON into this folder (e.g. $OUT on "
-                                                        "the GPU machine, whose files come back)")
     parser.add_argument("--profile", choices=ALL_METHODS, default=None, help="profile one step of this method on "
                         "--model (torch.profiler operator table to --profile-out) instead of timing")
     parser.add_argument("--profile-out", default="profile.txt")
@@ -950,12 +948,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not (args.tiny or args.no_docs):
         update_markdown_section("throughput", docs_section(json.loads(Path(path).read_text())))
         say("updated docs/benchmarks.md (section throughput)")
-    if args.copy_to:
-        import shutil
-
-        Path(args.copy_to).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(args.copy_to) / Path(path).name)
-        say(f"copied {path} to {args.copy_to}")
     say(f"done in {time.time() - started:.0f} s")
 
 

@@ -68,15 +68,14 @@ class DistillModule(L.LightningModule):
     def check_finite(self, name: str, value: Tensor) -> bool:
         """True if ``value`` is finite. Otherwise raise (``nan_policy='raise'``) naming the step and the
         tensor, or count and log a skip (``'skip'``) and return False so the caller skips the update."""
-        finite = bool(torch.isfinite(value).all())
+        finite = finite_here = bool(torch.isfinite(value).all())
         if self._trainer is not None and self.trainer.world_size > 1:
             # every rank must take the same branch, or a skipped backward hangs the others' all-reduce
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return True
         if self.nan_policy == "raise":
-            kind = "NaN" if bool(torch.isnan(value).any()) else "inf" if not bool(torch.isfinite(value).all()) \
-                else "not finite on another rank"
+            kind = "not finite on another rank" if finite_here else "NaN" if bool(torch.isnan(value).any()) else "inf"
             raise NonFiniteLossError(
                 f"{type(self).__name__}: {name} is {kind} at global step {self.global_step}. Lower the learning "
                 "rate, check the reward, or set nan_policy='skip' to skip such updates.")
