@@ -91,7 +91,7 @@ def merged_record(old: dict, new: dict, merge_depth: int = 2) -> dict:
     provenance = old.get("provenance") or {key: {k: old[k] for k in run} for key in old.get("figures", {})}
     for key, value in new["figures"].items():
         stamp = dict(run)
-        if merge_depth >= 2 and isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+        if merge_depth >= 2 and isinstance(value, dict) and value:  # merged entry by entry: stamp each entry
             stamp["entries"] = {**(provenance.get(key) or {}).get("entries", {}), **{name: run for name in value}}
         provenance[key] = stamp
     return {"benchmark": new["benchmark"], **run,
@@ -134,13 +134,29 @@ def update_markdown_section(name: str, body: str, doc: str | os.PathLike = ROOT 
     return doc
 
 
+def run_stamp(run: dict) -> str:
+    """``command`` on device, date, commit: one run's stamp in the docs."""
+    return f"`{run['command']}` on **{run['device']}**, {run['date']}, commit `{str(run['commit'])[:12]}`"
+
+
+def provenance_lines(record: dict, key: str, names) -> tuple[dict, list[str]]:
+    """The run that wrote figure ``key`` of ``record`` (its provenance, or the record's own stamp) and a line
+    for each of the entries ``names`` that another run measured (files assembled with :func:`merge_part`)."""
+    stamp = record.get("provenance", {}).get(key, record)
+    others = {name: run for name, run in stamp.get("entries", {}).items()
+              if name in names and run.get("command") != stamp.get("command")}
+    return stamp, [f"Row `{name}`: {run_stamp(run)}." for name, run in others.items()]
+
+
 def update_docs_table(name: str, header: list[str], rows: list[list], results: str | os.PathLike,
-                      doc: str | os.PathLike = ROOT / "docs" / "benchmarks.md", note: str = "") -> None:
+                      doc: str | os.PathLike = ROOT / "docs" / "benchmarks.md", note: str = "",
+                      figure: str | None = None) -> None:
     """Replace the section between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of the benchmarks
-    page with a markdown table stamped with the command, device, date and commit of ``results``."""
+    page with a markdown table stamped with the command, device, date and commit of ``results`` (of the run
+    that wrote ``figures[figure]`` when given, plus a line per row, named in column 0, that another run measured)."""
     record = json.loads(Path(results).read_text())
-    lines = [f"`{record['command']}` on **{record['device']}**, {record['date']}, commit `{record['commit'][:12]}`"
-             + (f". {note}" if note else ""), ""]
+    stamp, others = provenance_lines(record, figure, [row[0] for row in rows]) if figure else (record, [])
+    lines = [run_stamp(stamp) + (f". {note}" if note else ""), ""] + [line for o in others for line in (o, "")]
     update_markdown_section(name, "\n".join(lines + markdown_table(header, rows)), doc)
 
 

@@ -151,8 +151,15 @@ def write_docs(results: str) -> None:
                 hline=figures["teacher_fid"], hline_label=f"teacher ({figures['teacher_steps']} steps)", logy=True)
     rows = [[name, c[0][1], c[len(c) // 2][1], c[-1][0], c[-1][1], seconds.get(name, "")] for name, c in curves.items()]
     rows.append([f"teacher, {figures['teacher_steps']} ODE steps", "", "", "", figures["teacher_fid"], ""])
+    for key, variants in figures.items():  # ablations of one system: {"ablation_SYSTEM": {variant: {"curve": ...}}}
+        for variant, run in (variants.items() if key.startswith("ablation_") else ()):
+            if isinstance(run, dict) and "curve" in run:
+                c = run["curve"]
+                rows.append([f"{key.removeprefix('ablation_')} [{variant}]", c[0][1], c[len(c) // 2][1], c[-1][0],
+                             c[-1][1], ""])
+    note = figures.get("note", "") + " Rows with [brackets] are ablations; each one's command is in the JSON."
     update_docs_table("one_step", ["system", "fid at 0", "fid at half", "updates", "final fid", "seconds"], rows,
-                      results, note=figures.get("note", ""))
+                      results, note=note, figure="curves")
 
 
 if __name__ == "__main__":

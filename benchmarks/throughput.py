@@ -94,7 +94,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import ROOT, markdown_table, update_markdown_section, write_results  # noqa: E402
+from common import ROOT, markdown_table, provenance_lines, run_stamp, update_markdown_section, write_results  # noqa: E402
 
 import lightning as L  # noqa: E402
 
@@ -827,16 +827,11 @@ def docs_section(doc: dict) -> str:
         methods = f.get(key) or {}
         if not methods:
             continue
-        prov = doc.get("provenance", {}).get(key, doc)
+        prov, others = provenance_lines(doc, key, methods)
         compiled = (" with `compile=True`" if "_compile" in key else "") + \
             (" in channels-last memory format" if "_channels_last" in key else "")
-        lines += [f"**{f.get(label_key, key)}**{compiled} — `{prov.get('command', '')}` on {prov.get('device', '')}, "
-                  f"{prov.get('date', '')}, commit `{str(prov.get('commit', ''))[:12]}`", ""]
-        others = {name: run for name, run in prov.get("entries", {}).items()
-                  if name in methods and run.get("command") != prov.get("command")}
-        for name, run in others.items():
-            lines += [f"Row `{name}`: `{run['command']}` on {run['device']}, {run['date']}, commit "
-                      f"`{run['commit'][:12]}`.", ""]
+        lines += [f"**{f.get(label_key, key)}**{compiled} — {run_stamp(prov)}", ""]
+        lines += [line for o in others for line in (o, "")]
         rows = []
         for name, m in methods.items():
             if "error" in m:

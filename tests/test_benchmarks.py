@@ -28,3 +28,23 @@ def test_scaling_tiny_runs_ddp_on_one_and_two_processes(tmp_path):
     figures = json.loads(out.read_text())["figures"]
     assert [(p["gpus"], "error" in p) for p in figures["points"]] == [(1, False), (2, False)]
     assert set(figures["efficiency"]["teacher_rl/ddp"]) == {"1", "2"}
+
+
+def test_merge_part_keeps_each_entry_and_says_which_run_measured_it(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import merge_part
+
+    def part(name, command, curves):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"benchmark": "one_step", "command": command, "device": "gpu", "date": "d",
+                                    "commit": "c", "figures": {"curves": curves, "teacher_fid": 2.0}}))
+        return path
+
+    merged = tmp_path / "one_step.json"
+    merge_part(merged, part("a", "run a", {"disback": [[0, 9.0]], "nodistill": [[0, 8.0]]}))
+    merge_part(merged, part("b", "run b", {"nodistill": [[0, 7.0]]}))
+    record = json.loads(merged.read_text())
+    assert record["figures"]["curves"] == {"disback": [[0, 9.0]], "nodistill": [[0, 7.0]]}
+    entries = record["provenance"]["curves"]["entries"]
+    assert entries["disback"]["command"] == "run a" and entries["nodistill"]["command"] == "run b"
+    assert record["provenance"]["teacher_fid"]["command"] == "run b"
