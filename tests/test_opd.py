@@ -144,31 +144,3 @@ def test_mean_weighting_turns_every_step_into_mean_matching(teacher_dirs):
         torch.testing.assert_close(weighted, (mean_s - mean_t).pow(2).flatten(1).sum(1))
     with pytest.raises(ValueError, match="step_weighting='x'"):
         student(teacher_dirs, step_weighting="x")
-
-
-def test_task_separation_matches_its_definition_in_float64():
-    from lit_distill.methods.opd import task_separation
-
-    gen = torch.Generator().manual_seed(0)
-    enc = {"a": torch.randn(200, 5, generator=gen, dtype=torch.float64),
-           "b": torch.randn(150, 5, generator=gen, dtype=torch.float64) + 3.0,
-           "c": torch.randn(180, 5, generator=gen, dtype=torch.float64)}
-    got = task_separation(enc)
-    assert set(got) == {("a", "b"), ("a", "c"), ("b", "c")}
-    for a, b in got:
-        xa, xb = enc[a].numpy(), enc[b].numpy()
-        gap = ((xa.mean(0) - xb.mean(0)) ** 2).sum() ** 0.5
-        spread = ((((xa - xa.mean(0)) ** 2).sum(1).mean() + ((xb - xb.mean(0)) ** 2).sum(1).mean()) / 2) ** 0.5
-        assert got[(a, b)] == pytest.approx(gap / spread, rel=1e-12)
-    assert got[("a", "b")] > 2 and got[("a", "c")] < 0.5  # shifted by 3 sd in every dim vs same law
-    assert task_separation({"x": enc["a"], "y": enc["a"].clone()})[("x", "y")] == 0.0
-    single = task_separation({"x": enc["a"][:1], "y": enc["b"][:1], "z": enc["b"][:1]})
-    assert single[("x", "y")] == float("inf") and single[("y", "z")] == 0.0
-
-
-def test_tasks_that_share_their_prompts_are_flagged(teacher_dirs):
-    module = student(teacher_dirs)
-    prompts = ["a handwritten seven", "a handwritten one", "the digit two"]
-    rows = [{"prompt": p, "task": t} for t in ("bright", "dark") for p in prompts]
-    with pytest.warns(UserWarning, match="barely tells these tasks apart.*bright/dark 0.000"):
-        assert module.check_task_separation(rows) == {("bright", "dark"): 0.0}

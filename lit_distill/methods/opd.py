@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from itertools import combinations
 from typing import Any, Optional, Sequence
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..diffusion import Trajectory
@@ -42,16 +40,9 @@ class OPDStudent(OnPolicyModule):
     Teachers are kept out of the student's ``state_dict`` (they are reloaded from their sources) and are
     replicated on every device, never sharded or trained. Seams: :meth:`route` (task -> teacher) and
     :meth:`step_weight` (per-step loss weight).
-
-    The student knows a prompt's task only through its conditioning. At fit start it measures how far apart
-    each pair of tasks' prompts are in the student's prompt encoding (:func:`task_separation`, logged as
-    ``opd/task_separation_min``) and warns below ``min_task_separation``: such tasks look alike to the
-    student, which then learns a compromise of their teachers rather than each one.
     """
 
     method = "opd"
-    min_task_separation = 0.1
-    separation_prompts_per_task = 64
 
     def __init__(self, model: str = "embedded:base", teachers: Optional[dict[str, Any]] = None,
                  model_kwargs: Optional[dict] = None, *, teacher_dtype: Optional[str] = None, lora_rank: int = 0,
@@ -116,27 +107,6 @@ class OPDStudent(OnPolicyModule):
         if tasks:
             self.check_tasks(tasks)
 
-    def on_train_start(self) -> None:
-        rows = getattr(getattr(self.trainer, "datamodule", None), "train_rows", None)
-        if rows and len({r["task"] for r in rows}) > 1:
-            self.check_task_separation(rows)
-
-    def check_task_separation(self, rows: Sequence[dict]) -> dict[tuple[str, str], float]:
-        """:func:`task_separation` of the prompts of ``rows`` (``{"prompt", "task"}``, up to
-        ``separation_prompts_per_task`` per task) in the student's prompt encoding; warns about every pair
-        below ``min_task_separation``. Returns ``{(task_a, task_b): separation}``."""
-        encodings = task_encodings(self.model, rows, self.separation_prompts_per_task)
-        separation = task_separation(encodings)
-        if self._trainer is not None:
-            self.log("opd/task_separation_min", min(separation.values()), rank_zero_only=True)
-        close = {pair: value for pair, value in separation.items() if value < self.min_task_separation}
-        if close:
-            pairs = ", ".join(f"{a}/{b} {value:.3f}" for (a, b), value in sorted(close.items()))
-            rank_zero_warn(f"OPD: the student's prompt encoder barely tells these tasks apart (task_separation {pairs}; "
-                           f"below {self.min_task_separation}): it cannot serve their teachers separately and will "
-                           "learn a compromise of them. Give the tasks prompts that the encoder distinguishes.")
-        return separation
-
     def teacher_means(self, traj: Trajectory, rows: Tensor, steps: Tensor, prompts: Sequence[str],
                       tasks: Sequence[str]) -> Tensor:
         """The routed teachers' kernel means at the pairs (CPU index tensors ``[M]``), each teacher run
@@ -195,30 +165,3 @@ def check_compatible(student: DiffusionModel, teacher: DiffusionModel, name: str
     if problems:
         raise ValueError(f"teachers[{name!r}] does not match the student: {'; '.join(problems)}. "
                          "Distil from teachers fine-tuned from the same base model.")
-
-
-def task_encodings(model: DiffusionModel, rows: Sequence[dict], per_task: Optional[int] = None) -> dict[str, Tensor]:
-    """``{task: [N_task, D]}``: the prompt encodings of ``rows`` (``{"prompt", "task"}``; the first ``per_task``
-    of each task) by ``model``'s prompt encoder, every output of the encoder flattened and concatenated."""
-    by_task: dict[str, list[str]] = defaultdict(list)
-    for row in rows:
-        if per_task is None or len(by_task[row["task"]]) < per_task:
-            by_task[row["task"]].append(row["prompt"])
-    with torch.no_grad():
-        return {task: torch.cat([v.flatten(1).float() for v in model.encode_prompts(prompts).values()], dim=1)
-                for task, prompts in by_task.items()}
-
-
-def task_separation(encodings: dict[str, Tensor]) -> dict[tuple[str, str], float]:
-    """How far apart the tasks' conditionings are: for each pair of tasks, the distance between the centroids of
-    their encodings ``[N_task, D]`` divided by the root mean square of the two tasks' spreads (each the RMS
-    distance of a task's encodings to its centroid). About 0 when the tasks' prompts encode alike, of order
-    1 or more when they are as distinct as the prompts within a task. Tasks with a single prompt each and
-    no spread get ``inf`` (distinct) or 0 (identical)."""
-    stats = {task: (x.mean(0), (x - x.mean(0)).pow(2).sum(1).mean()) for task, x in encodings.items()}
-    out = {}
-    for a, b in combinations(sorted(stats), 2):
-        (ca, va), (cb, vb) = stats[a], stats[b]
-        gap, spread = (ca - cb).norm(), ((va + vb) / 2).sqrt()
-        out[(a, b)] = float(gap / spread) if spread > 0 else (float("inf") if gap > 0 else 0.0)
-    return out
