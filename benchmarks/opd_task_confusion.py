@@ -1,0 +1,120 @@
+"""Why OPD keeps little of the brightness and compress teachers: a control experiment on two tasks.
+
+The OPD student knows a prompt's task only from the prompt. This script trains a brightness and a compress
+teacher (TeacherRL) on the shipped prompts, then OPD students from the same base at equal steps on four
+prompt sets, and reports the share of each teacher's reward gain the student keeps on held-out prompts:
+
+- ``single``: brightness alone (one teacher: no task to tell apart);
+- ``shipped``: both tasks with the shipped prompts ("a bold handwritten three" / "a simple handwritten three");
+- ``templates``: both tasks, each with caption templates the base was pretrained on ("a handwritten three" /
+  "the digit three"), which the base learned to treat alike;
+- ``digits``: brightness on digits 0-4, compress on digits 5-9 (prompts the base certainly tells apart).
+
+    python benchmarks/opd_task_confusion.py            # CPU, about 5 minutes on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import update_docs_table, write_results  # noqa: E402
+
+from lit_distill.data.embedded import DIGIT_WORDS, PROMPT_TEMPLATES  # noqa: E402
+from lit_distill.methods import OPDStudent, TeacherRL  # noqa: E402
+from lit_distill.pipeline import TASK_REWARDS, ensure_embedded_base, fit_stage, rewards_of  # noqa: E402
+
+TASKS = ("brightness", "compress")
+PROMPT_SETS = {
+    "single": {"brightness": PROMPT_TEMPLATES["brightness"]},
+    "shipped": {t: PROMPT_TEMPLATES[t] for t in TASKS},
+    "templates": {"brightness": ["a handwritten {word}", "a handwritten digit {word}"],
+                  "compress": ["the number {word} written by hand", "the digit {word}"]},
+    "digits": {t: PROMPT_TEMPLATES[t] for t in TASKS},
+}
+DIGITS = {"digits": {"brightness": range(0, 5), "compress": range(5, 10)}}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=150, help="optimiser steps of each teacher and each student")
+    p.add_argument("--work", default="runs/opd_task_confusion")
+    p.add_argument("--out", default="benchmarks/results/opd_task_confusion.json")
+    p.add_argument("--docs-only", action="store_true")
+    return p.parse_args(argv)
+
+
+def prompt_files(name: str, out: Path) -> dict[str, Path]:
+    """Training and held-out (every 5th prompt of each task) prompt files of prompt set ``name``."""
+    train, held_out = [], []
+    for task, templates in PROMPT_SETS[name].items():
+        digits = DIGITS.get(name, {}).get(task, range(10))
+        rows = [{"prompt": t.format(word=DIGIT_WORDS[d]), "task": task} for t in templates for d in digits]
+        held_out += rows[::5]
+        train += [r for i, r in enumerate(rows) if i % 5]
+    (out / name).mkdir(parents=True, exist_ok=True)
+    files = {"train": out / name / "train.jsonl", "eval": out / name / "eval.jsonl"}
+    for key, rows in (("train", train), ("eval", held_out)):
+        files[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return files
+
+
+def evaluate(model: str, task: str, files: dict, out: Path, name: str) -> dict:
+    """Rewards of ``model`` on the held-out prompts (a TeacherRL fit of one step at a negligible rate)."""
+    module = TeacherRL(model, TASK_REWARDS[task], num_steps=10, group_size=8, lr=1e-12, seed=0)
+    history, _, _ = fit_stage(module, files["eval"], files["eval"], 1, out, name, 4, progress=False)
+    return rewards_of(history[0])
+
+
+def measure(args) -> dict:
+    work, base = Path(args.work), str(ensure_embedded_base())
+    teachers = {}
+    for task in TASKS:
+        files = prompt_files("shipped", work)
+        task_rows = [json.loads(line) for line in files["train"].read_text().splitlines()]
+        (work / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_rows if r["task"] == task))
+        module = TeacherRL(base, TASK_REWARDS[task], num_steps=10, group_size=8, lr=1e-4, minibatch_size=64, seed=0)
+        fit_stage(module, work / f"{task}.jsonl", files["eval"], args.steps, work, f"teacher_{task}", 4, progress=False)
+        teachers[task] = str(work / f"teacher_{task}" / "model")
+    results = {}
+    for name, sets in PROMPT_SETS.items():
+        files = prompt_files(name, work)
+        student = OPDStudent(base, {t: teachers[t] for t in sets}, num_steps=10, rollouts_per_prompt=8, lr=1e-4,
+                             seed=0)
+        history, seconds, _ = fit_stage(student, files["train"], files["eval"], args.steps, work, f"opd_{name}", 4,
+                                        progress=False)
+        entry = {"base": rewards_of(history[0]), "opd": rewards_of(history[-1]), "seconds": round(seconds, 1),
+                 "example_prompts": {t: tpl[0].format(word="three") for t, tpl in sets.items()}}
+        for task in sets:
+            entry[f"teacher/{task}"] = evaluate(teachers[task], task, files, work, f"eval_{name}_{task}")
+            gain = entry[f"teacher/{task}"][task] - entry["base"][task]
+            entry.setdefault("kept", {})[task] = round((entry["opd"][task] - entry["base"][task]) / gain, 3)
+        results[name] = entry
+        print(f"[opd_task_confusion] {name}: kept {entry['kept']}", flush=True)
+    return {"steps": args.steps, "prompt_sets": results,
+            "note": "kept = (OPD - base) / (teacher - base) of each task's reward on that set's held-out prompts"}
+
+
+def write_docs(results: str) -> None:
+    figures = json.loads(Path(results).read_text())["figures"]
+    rows = []
+    for name, e in figures["prompt_sets"].items():
+        for task, kept in e["kept"].items():
+            rows.append([name, task, f"`{e['example_prompts'][task]}`", round(e["base"][task], 3),
+                         round(e[f"teacher/{task}"][task], 3), round(e["opd"][task], 3), f"{kept:.0%}"])
+    update_docs_table("opd_task_confusion", ["prompt set", "task", "example prompt", "base", "teacher", "OPD",
+                                             "gain kept"], rows, results,
+                      note=f"{figures['steps']} steps per teacher and per student. {figures['note']}.")
+
+
+def main(argv=None):
+    args = parse(argv)
+    if not args.docs_only:
+        write_results("opd_task_confusion", measure(args), args.out)
+    write_docs(args.out)
+
+
+if __name__ == "__main__":
+    main()
