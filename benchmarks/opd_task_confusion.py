@@ -47,13 +47,14 @@ def parse(argv=None):
 
 
 def prompt_files(name: str, out: Path) -> dict[str, Path]:
-    """Training and held-out (every 5th prompt of each task) prompt files of prompt set ``name``."""
+    """Training and held-out prompt files of prompt set ``name``: template ``i`` with digit ``d`` is held out
+    when ``(i + d) % 4 == 0``, so every task holds out about a quarter of its prompts, spread over its digits."""
     train, held_out = [], []
     for task, templates in PROMPT_SETS[name].items():
-        digits = DIGITS.get(name, {}).get(task, range(10))
-        rows = [{"prompt": t.format(word=DIGIT_WORDS[d]), "task": task} for t in templates for d in digits]
-        held_out += rows[::5]
-        train += [r for i, r in enumerate(rows) if i % 5]
+        for i, template in enumerate(templates):
+            for d in DIGITS.get(name, {}).get(task, range(10)):
+                row = {"prompt": template.format(word=DIGIT_WORDS[d]), "task": task}
+                (held_out if (i + d) % 4 == 0 else train).append(row)
     (out / name).mkdir(parents=True, exist_ok=True)
     files = {"train": out / name / "train.jsonl", "eval": out / name / "eval.jsonl"}
     for key, rows in (("train", train), ("eval", held_out)):
@@ -86,7 +87,8 @@ def measure(args) -> dict:
         history, seconds, _ = fit_stage(student, files["train"], files["eval"], args.steps, work, f"opd_{name}", 4,
                                         progress=False)
         entry = {"base": rewards_of(history[0]), "opd": rewards_of(history[-1]), "seconds": round(seconds, 1),
-                 "example_prompts": {t: tpl[0].format(word="three") for t, tpl in sets.items()}}
+                 "example_prompts": {t: tpl[0].format(word=DIGIT_WORDS[DIGITS.get(name, {}).get(t, range(3, 4))[-1]])
+                                     for t, tpl in sets.items()}}
         for task in sets:
             entry[f"teacher/{task}"] = evaluate(teachers[task], task, files, work, f"eval_{name}_{task}")
             gain = entry[f"teacher/{task}"][task] - entry["base"][task]
