@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import update_docs_table, write_results  # noqa: E402
 
-from lit_distill.data.embedded import DIGIT_WORDS, PROMPT_TEMPLATES  # noqa: E402
+from lit_distill.data import DIGIT_WORDS, PROMPT_TEMPLATES, write_prompt_file  # noqa: E402
 from lit_distill.methods import OPDStudent, TeacherRL  # noqa: E402
 from lit_distill.pipeline import TASK_REWARDS, ensure_embedded_base, fit_stage, rewards_of  # noqa: E402
 
@@ -46,20 +46,28 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def prompt_files(name: str, out: Path) -> dict[str, Path]:
-    """Training and held-out prompt files of prompt set ``name``: template ``i`` with digit ``d`` is held out
+def digits_of(name: str, task: str) -> range:
+    """The digits whose prompts task ``task`` of prompt set ``name`` holds."""
+    return DIGITS.get(name, {}).get(task, range(10))
+
+
+def prompt_rows(name: str) -> tuple[list[dict], list[dict]]:
+    """Training and held-out prompt rows of prompt set ``name``: template ``i`` with digit ``d`` is held out
     when ``(i + d) % 4 == 0``, so every task holds out about a quarter of its prompts, spread over its digits."""
     train, held_out = [], []
     for task, templates in PROMPT_SETS[name].items():
         for i, template in enumerate(templates):
-            for d in DIGITS.get(name, {}).get(task, range(10)):
+            for d in digits_of(name, task):
                 row = {"prompt": template.format(word=DIGIT_WORDS[d]), "task": task}
                 (held_out if (i + d) % 4 == 0 else train).append(row)
+    return train, held_out
+
+
+def prompt_files(name: str, out: Path) -> dict[str, Path]:
+    """:func:`prompt_rows` of prompt set ``name`` written to ``out/name/{train,eval}.jsonl``."""
     (out / name).mkdir(parents=True, exist_ok=True)
-    files = {"train": out / name / "train.jsonl", "eval": out / name / "eval.jsonl"}
-    for key, rows in (("train", train), ("eval", held_out)):
-        files[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return files
+    return {key: write_prompt_file(out / name / f"{key}.jsonl", rows)
+            for key, rows in zip(("train", "eval"), prompt_rows(name))}
 
 
 def evaluate(model: str, task: str, files: dict, out: Path, name: str) -> dict:
@@ -71,13 +79,12 @@ def evaluate(model: str, task: str, files: dict, out: Path, name: str) -> dict:
 
 def measure(args) -> dict:
     work, base = Path(args.work), str(ensure_embedded_base())
-    teachers = {}
+    teachers, files = {}, prompt_files("shipped", work)
+    shipped_train, _ = prompt_rows("shipped")
     for task in TASKS:
-        files = prompt_files("shipped", work)
-        task_rows = [json.loads(line) for line in files["train"].read_text().splitlines()]
-        (work / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_rows if r["task"] == task))
+        task_file = write_prompt_file(work / f"{task}.jsonl", [r for r in shipped_train if r["task"] == task])
         module = TeacherRL(base, TASK_REWARDS[task], num_steps=10, group_size=8, lr=1e-4, minibatch_size=64, seed=0)
-        fit_stage(module, work / f"{task}.jsonl", files["eval"], args.steps, work, f"teacher_{task}", 4, progress=False)
+        fit_stage(module, task_file, files["eval"], args.steps, work, f"teacher_{task}", 4, progress=False)
         teachers[task] = str(work / f"teacher_{task}" / "model")
     results = {}
     for name, sets in PROMPT_SETS.items():
@@ -87,7 +94,7 @@ def measure(args) -> dict:
         history, seconds, _ = fit_stage(student, files["train"], files["eval"], args.steps, work, f"opd_{name}", 4,
                                         progress=False)
         entry = {"base": rewards_of(history[0]), "opd": rewards_of(history[-1]), "seconds": round(seconds, 1),
-                 "example_prompts": {t: tpl[0].format(word=DIGIT_WORDS[DIGITS.get(name, {}).get(t, range(3, 4))[-1]])
+                 "example_prompts": {t: tpl[0].format(word=DIGIT_WORDS[digits_of(name, t)[-1] if name in DIGITS else 3])
                                      for t, tpl in sets.items()}}
         for task in sets:
             entry[f"teacher/{task}"] = evaluate(teachers[task], task, files, work, f"eval_{name}_{task}")

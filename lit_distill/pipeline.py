@@ -69,18 +69,14 @@ def ensure_embedded_base(resolution: int = 16, family: str = "flow", cache_dir: 
 def split_prompts(out: Path, tasks: list[str], val_fraction: float = 0.2, seed: int = 0) -> dict[str, Path]:
     """Split the embedded multi-task prompt set once into training prompts per task and one held-out
     evaluation set, written as JSONL under ``out/prompts`` (every stage reads the same files)."""
-    from .data import PromptDataModule
+    from .data import PromptDataModule, write_prompt_file
 
     dm = PromptDataModule("embedded:digits_multitask", tasks=tasks, val_fraction=val_fraction, seed=seed)
     dm.setup("fit")
     files = {"eval": dm.val_rows, "multitask": dm.train_rows}
     files.update({task: [r for r in dm.train_rows if r["task"] == task] for task in tasks})
     (out / "prompts").mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, rows in files.items():
-        paths[name] = out / "prompts" / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return paths
+    return {name: write_prompt_file(out / "prompts" / f"{name}.jsonl", rows) for name, rows in files.items()}
 
 
 def fit_stage(module, prompts: Path, eval_prompts: Path, max_steps: int, out: Path, name: str,

@@ -11,7 +11,7 @@ from lit_distill.data.embedded import (
     split_indices,
 )
 from lit_distill.data.images import ImageDataModule, scan_image_folder
-from lit_distill.data.prompts import PromptDataModule, collate_prompts, read_prompt_file, tasks_in
+from lit_distill.data.prompts import PromptDataModule, collate_prompts, read_prompt_file, tasks_in, write_prompt_file
 
 __all__ = [
     "CAPTION_TEMPLATES",
@@ -29,4 +29,5 @@ __all__ = [
     "scan_image_folder",
     "split_indices",
     "tasks_in",
+    "write_prompt_file",
 ]

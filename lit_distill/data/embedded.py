@@ -223,16 +223,11 @@ def build_embedded_prompt_rows() -> dict[str, list[dict]]:
 
 def write_embedded_prompt_sets(directory: str | Path = PROMPTS_DIR) -> list[Path]:
     """(Re)write the shipped prompt sets as ``NAME.jsonl`` files in ``directory``; returns the paths."""
-    import json
+    from lit_distill.data.prompts import write_prompt_file  # prompts imports this module
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, rows in build_embedded_prompt_rows().items():
-        path = directory / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        paths.append(path)
-    return paths
+    return [write_prompt_file(directory / f"{name}.jsonl", rows) for name, rows in build_embedded_prompt_rows().items()]
 
 
 def words(text: str) -> list[str]:

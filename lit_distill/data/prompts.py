@@ -56,6 +56,14 @@ def _check_row(row: dict, path: Path, lineno: int, default_task: str | None) -> 
     return {**row, "prompt": prompt.strip(), "task": str(task).strip()}
 
 
+def write_prompt_file(path: str | Path, rows: Sequence[dict]) -> Path:
+    """Write ``rows`` (``{"prompt", "task", **extra}``) as a ``.jsonl`` prompt set that ``read_prompt_file``
+    reads back; returns the path."""
+    path = Path(path)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
 def read_prompt_file(path: str | Path, default_task: str | None = None) -> list[dict]:
     """Read a prompt set; returns its rows ``[{"prompt": str, "task": str, **extra}, ...]`` in file order.
 
