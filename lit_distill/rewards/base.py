@@ -123,7 +123,7 @@ def _load_builtins() -> None:
 def build_reward(spec: RewardSpec) -> Reward:
     """Build a reward from a registered name, a config dict ``{"name": ..., **kwargs}`` or an instance.
 
-    Examples: ``"jpeg_compressibility"``, ``{"name": "brightness", "target": 0.6}``,
+    Examples: ``"jpeg_compressibility"``, ``{"name": "brightness", "target": 0.35}``,
     ``{"name": "weighted_sum", "rewards": [{"name": "digit_correctness", "weight": 1.0}, ...]}``.
     The result is frozen (see ``Reward``).
     """

@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_distill.rewards.base import Reward, register_reward
-from lit_distill.utils.images import to_uint8, to_unit
+from lit_distill.utils.images import slant, to_uint8, to_unit
 
 __all__ = [
     "JpegCompressibility",
     "JpegIncompressibility",
     "Brightness",
     "DigitCorrectness",
+    "Slant",
     "Symmetry",
     "jpeg_sizes_kb",
     "parse_digit",
@@ -109,6 +110,29 @@ class Brightness(Reward):
     def forward(self, images: Tensor, prompts: Sequence[str], tasks: Sequence[str], **metadata: Any) -> Tensor:
         ink = to_unit(images.float()).mean(dim=(1, 2, 3))
         return -(ink - self.target).abs()
+
+
+@register_reward("slant")
+class Slant(Reward):
+    """Slant target: ``-|slant - target|``, where slant is the horizontal shift of the ink per row
+    (``lit_distill.utils.images.slant``: ``-mu11 / mu02`` of the ink's second moments; > 0 leans right).
+
+    ``target`` is dimensionless (default 0.7, about 35 degrees: more italic than the embedded digits captioned
+    "slanted", whose mean is about 0.5; upright digits are near 0). Range ``(-inf, 0]``; ``max_value = 0``.
+    Differentiable.
+    """
+
+    max_value = 0.0
+    differentiable = True
+
+    def __init__(self, target: float = 0.7):
+        super().__init__()
+        if not -3.0 <= float(target) <= 3.0:
+            raise ValueError(f"target: a slant between -3 and 3 (horizontal pixels per row), got {target}")
+        self.target = float(target)
+
+    def forward(self, images: Tensor, prompts: Sequence[str], tasks: Sequence[str], **metadata: Any) -> Tensor:
+        return -(slant(images) - self.target).abs()
 
 
 @register_reward("symmetry")

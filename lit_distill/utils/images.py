@@ -32,6 +32,31 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def ink_moments(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ink-weighted central second moments of grey images ``[B, 1, H, W]`` in [-1, 1] (ink ``(x + 1) / 2``;
+    RGB is averaged over channels): ``(mass, mu20, mu11, mu02)``, each float ``[B]``, in pixels^2 (``mu20``:
+    horizontal, ``mu02``: vertical variance; ``mass``: total ink). Differentiable."""
+    if images.dim() != 4:
+        raise ValueError(f"images: expected shape [B, C, H, W], got {tuple(images.shape)}")
+    ink = ((images.float().mean(dim=1) + 1) / 2).clamp(min=0)
+    _, h, w = ink.shape
+    mass = ink.sum((1, 2)).clamp(min=1e-6)
+    ys = torch.arange(h, dtype=ink.dtype, device=ink.device)[None, :, None]
+    xs = torch.arange(w, dtype=ink.dtype, device=ink.device)[None, None, :]
+    dy = ys - ((ink * ys).sum((1, 2)) / mass)[:, None, None]
+    dx = xs - ((ink * xs).sum((1, 2)) / mass)[:, None, None]
+    moment = lambda a, b: (ink * a * b).sum((1, 2)) / mass  # noqa: E731
+    return mass, moment(dx, dx), moment(dx, dy), moment(dy, dy)
+
+
+def slant(images: torch.Tensor) -> torch.Tensor:
+    """Slant ``[B]`` of grey images in [-1, 1]: the horizontal shift of the ink per row, ``-mu11 / mu02``
+    (> 0: the top leans right; dimensionless). ``mu02`` has a floor of half a pixel squared, so a (nearly)
+    blank image gets a finite slant. Differentiable."""
+    _, _, mu11, mu02 = ink_moments(images)
+    return -mu11 / mu02.clamp(min=0.5)
+
+
 def make_grid_png(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, padding: int = 2) -> Path:
     """Write images ``[B, C, H, W]`` in ``[-1, 1]`` (C = 1 or 3) as one PNG grid of ``nrow`` columns.
 
