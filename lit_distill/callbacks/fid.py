@@ -1,4 +1,4 @@
-"""``FIDCallback``: Fréchet distance of the module's samples to the real data, every N training steps.
+"""``FIDCallback``: Fréchet distance of the module's samples to held-out real data, every N training steps.
 
 Features: ``"inception"`` (torchmetrics' ``FrechetInceptionDistance`` InceptionV3, 2048-d, from a weights file
 that must already be on disk: nothing is ever downloaded; logged as ``fid``) or ``"classifier"`` (the project's
@@ -6,8 +6,12 @@ digit classifier, logged as ``fid_classifier``: a Fréchet distance in *those* f
 published FIDs). Any ``nn.Module`` mapping images ``[B, C, H, W]`` in [-1, 1] to ``[B, F]`` also works
 (logged as ``fid_<ClassName>``).
 
-The real statistics are computed once and cached under ``cache_dir/fid_stats/`` keyed by data source,
-resolution, channels, feature kind and number of images. Samples come from the module's hook
+The real statistics are those of the data module's ``reference`` part (``ImageDataModule.reference_dataset``:
+images that neither the model, its teacher nor the feature network trained on), computed once and cached under
+``cache_dir/fid_stats/`` keyed by data source, resolution, channels, feature kind and number of images. Beside
+the samples' distance the callback reports the *floor*: the distance of as many real images of the ``floor``
+part (``val_dataset``, disjoint from the reference) to the same statistics, the best any generator can score
+with that many samples (logged once as ``<name>_floor``). Samples come from the module's hook
 ``generate_eval_samples(n, generator) -> [n, C, H, W]`` in [-1, 1] (``generator``: a seeded CPU
 ``torch.Generator``, the same seed at every evaluation). Under DDP every rank makes its share of samples and
 the feature statistics are summed over ranks (``FeatureStats.all_reduce``): the value is the same everywhere.
@@ -69,11 +73,12 @@ class FIDCallback(L.Callback):
         cache_dir: where the digit classifier and the real statistics are cached (default: the lit_distill cache).
         batch_size: images per generation / feature batch.
         real_source, resolution, channels: the real data (an ``ImageDataModule`` source); default: the trainer's
-            datamodule (its ``train_dataset``, ``resolution`` and ``channels``).
-        max_real: use at most this many real images (default: all of the training split).
+            datamodule (its ``reference_dataset``, ``val_dataset``, ``resolution`` and ``channels``).
+        max_real: use at most this many reference images (default: the whole reference part).
         seed: seed of the generation noise (rank r uses ``seed + r``).
         eval_at_start, eval_at_end: also evaluate before the first and after the last step.
-    ``history``: list of ``{"step", "generator_updates", <name>}`` dicts (saved with the callback's state).
+    ``history``: list of ``{"step", "generator_updates", <name>}`` dicts; ``floor``: the real-data floor (both
+    saved with the callback's state).
     """
 
     def __init__(self, every_n_steps: int = 500, num_samples: int = 1000,
@@ -103,6 +108,7 @@ class FIDCallback(L.Callback):
         self.real_source, self.resolution, self.channels, self.max_real = real_source, resolution, channels, max_real
         self.seed, self.eval_at_start, self.eval_at_end = seed, eval_at_start, eval_at_end
         self.history: list[dict] = []
+        self.floor: Optional[float] = None
         self._last_bucket = -1
         self._extractor: Optional[nn.Module] = None
         self._real: Optional[FeatureStats] = None
@@ -116,19 +122,24 @@ class FIDCallback(L.Callback):
         return f"fid_{type(self.features).__name__}"
 
     # -- data and features -----------------------------------------------------------------------------
-    def _dataset(self, trainer: "L.Trainer"):
-        """The real images' dataset and its (source, resolution, channels)."""
+    def _datamodule(self, trainer: "L.Trainer"):
+        """The data module of the real images (set up)."""
         if self.real_source is not None:
             from ..data.images import ImageDataModule
 
             dm = ImageDataModule(source=self.real_source, resolution=self.resolution or 16, channels=self.channels or 1)
         else:
             dm = trainer.datamodule
-            if dm is None or not hasattr(dm, "train_dataset") or not hasattr(dm, "resolution"):
-                raise ValueError("FIDCallback needs real images: train with an ImageDataModule or set real_source "
-                                 "(e.g. 'embedded:digits') and resolution")
+            if dm is None or not hasattr(dm, "reference_dataset") or not hasattr(dm, "resolution"):
+                raise ValueError("FIDCallback needs held-out real images: train with an ImageDataModule or set "
+                                 "real_source (e.g. 'embedded:mnist') and resolution")
         dm.setup("fit")
-        return dm.train_dataset, str(dm.source), int(dm.resolution), int(dm.channels)
+        return dm
+
+    def _dataset(self, trainer: "L.Trainer"):
+        """The reference images' dataset and its (source, resolution, channels)."""
+        dm = self._datamodule(trainer)
+        return dm.reference_dataset, str(dm.source), int(dm.resolution), int(dm.channels)
 
     def _feature_net(self, resolution: int, device) -> nn.Module:
         if self._extractor is None:
@@ -153,7 +164,7 @@ class FIDCallback(L.Callback):
             kind = f"module-{type(self.features).__name__}"
         safe = source.replace("embedded:", "") if source.startswith("embedded:") else \
             "folder-" + hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:12]
-        return f"{safe}_r{resolution}_c{channels}_{kind}_n{count}"
+        return f"{safe}_reference_r{resolution}_c{channels}_{kind}_n{count}"
 
     @torch.no_grad()
     def reference_stats(self, trainer: "L.Trainer", device) -> FeatureStats:
@@ -162,22 +173,38 @@ class FIDCallback(L.Callback):
             return self._real
         dataset, source, resolution, channels = self._dataset(trainer)
         extractor = self._feature_net(resolution, device)
-        count = len(dataset) // getattr(dataset, "repeat", 1)
-        count = min(count, self.max_real) if self.max_real else count
+        count = min(len(dataset), self.max_real) if self.max_real else len(dataset)
         path = self.cache_dir / "fid_stats" / f"{self._cache_key(source, resolution, channels, count)}.pt"
         if path.is_file():
             self._real = FeatureStats.load(path, device)
             return self._real
+        stats = self._real_stats(trainer, dataset, count, extractor, device)
+        if trainer.is_global_zero:
+            stats.save(path)
+        self._real = stats
+        return stats
+
+    def _real_stats(self, trainer, dataset, count: int, extractor: nn.Module, device) -> FeatureStats:
+        """Feature statistics of the first ``count`` images of ``dataset``, split over the ranks."""
         stats = FeatureStats()
         indices = list(range(trainer.global_rank, count, trainer.world_size))
         for start in range(0, len(indices), self.batch_size):
             images = torch.stack([dataset[i]["image"] for i in indices[start:start + self.batch_size]])
             stats.update(extractor(images.to(device)))
         stats.all_reduce()
-        if trainer.is_global_zero:
-            stats.save(path)
-        self._real = stats
         return stats
+
+    @torch.no_grad()
+    def real_floor(self, trainer: "L.Trainer", device) -> float:
+        """The distance of ``num_samples`` real images of the ``floor`` part (all of it, if it holds fewer) to
+        the reference statistics: what a perfect generator scores with that many samples."""
+        reference = self.reference_stats(trainer, device)
+        floor = self._datamodule(trainer).val_dataset
+        if floor is None or len(floor) < 2:
+            raise ValueError("FIDCallback: the data module holds no floor images (val_dataset is empty); set its "
+                             "val_fraction > 0")
+        stats = self._real_stats(trainer, floor, min(self.num_samples, len(floor)), self._extractor.to(device), device)
+        return stats.distance(reference)
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -215,6 +242,10 @@ class FIDCallback(L.Callback):
             logger.log_metrics({self.name: value, "generator_updates": updates}, step=step)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if self.floor is None:
+            self.floor = self.real_floor(trainer, pl_module.device)
+            for logger in trainer.loggers:
+                logger.log_metrics({f"{self.name}_floor": self.floor}, step=trainer.global_step)
         bucket = trainer.global_step // self.every_n_steps
         if self.eval_at_start and bucket > self._last_bucket:
             self._run(trainer, pl_module)
@@ -231,8 +262,9 @@ class FIDCallback(L.Callback):
             self._run(trainer, pl_module)
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "last_bucket": self._last_bucket}
+        return {"history": list(self.history), "last_bucket": self._last_bucket, "floor": self.floor}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
+        self.floor = state_dict.get("floor")
         self._last_bucket = int(state_dict.get("last_bucket", -1))
