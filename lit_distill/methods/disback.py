@@ -1,9 +1,12 @@
 """DisBack (arXiv 2408.15991): score distillation along the recorded degradation path of the teacher.
 
 Stage 0, *degradation recording*: ``fake_score`` starts as a copy of the teacher and is fine-tuned by DSM on
-samples of the initial generator g_0 (the generator is not updated in this stage, so it *is* g_0). Every
-``degradation_interval`` updates its weights are saved: checkpoints ``c_1 .. c_N`` (``N = num_checkpoints``),
-a path from the teacher ``c_0`` to (approximately) the score of g_0.
+samples of the initial generator g_0 (the generator is not updated in this stage, so it *is* g_0) until it has
+converged on them (:meth:`DisBackStudent.recording_converged`). Every ``degradation_interval`` updates its weights
+are kept as a candidate; at convergence ``N = num_checkpoints`` of them become the path ``c_1 .. c_N``, chosen at
+equal steps of the DSM loss between the teacher's (``c_0``) and the converged score's (``c_N``), so that the
+targets are spread along the way from the teacher to the score of g_0 rather than bunched near g_0, where the
+loss flattens out.
 
 Stages 1..N, *distribution backtracking*: the generator is distilled with the score-distillation gradient
 ``w (s_fake - s_real) dx_t/dtheta`` where ``s_real`` walks the path back: ``c_{N-1}, ..., c_1`` and finally the
@@ -41,8 +44,12 @@ class DisBackStudent(OneStepModule):
 
     Args (besides :class:`~lit_distill.methods.one_step.OneStepModule`'s):
         backtracking: record the degradation path and backtrack it (DisBack); False: Diff-Instruct / VSD.
-        num_checkpoints: N, checkpoints saved along the degradation path (stage 2 then has N targets).
-        degradation_interval: fake-score updates between two checkpoints (stage 1 lasts N times this).
+        num_checkpoints: N, checkpoints kept along the degradation path (the backtracking then has N targets).
+        degradation_interval: fake-score updates between two candidate checkpoints of the recording.
+        recording_patience, recording_tol: the recording has converged once the mean DSM loss of the last
+            ``recording_patience`` fake-score updates improves by less than ``recording_tol`` (relative) on the
+            mean of the ``recording_patience`` before (see :meth:`recording_converged`).
+        max_recording_updates: the recording stops here even if it has not converged.
         switch_rule: ``"fixed"`` (``iterations_per_stage`` generator updates per target) or ``"plateau"`` (move on
             when the score mismatch stops improving, at most ``iterations_per_stage`` updates): see
             :meth:`should_advance`.
@@ -57,7 +64,8 @@ class DisBackStudent(OneStepModule):
     method = "disback"
 
     def __init__(self, teacher: str | DiffusionModel = "embedded:base", teacher_kwargs: Optional[dict] = None, *,
-                 backtracking: bool = True, num_checkpoints: int = 4, degradation_interval: int = 50,
+                 backtracking: bool = True, num_checkpoints: int = 4, degradation_interval: int = 25,
+                 recording_patience: int = 100, recording_tol: float = 0.01, max_recording_updates: int = 2000,
                  iterations_per_stage: int = 100, switch_rule: str = "fixed", plateau_patience: int = 50,
                  plateau_tol: float = 0.01, checkpoint_dir: Optional[str] = None, guidance_scale: float = 1.0,
                  normalize: bool = True, **kwargs):
@@ -65,11 +73,15 @@ class DisBackStudent(OneStepModule):
         if switch_rule not in SWITCH_RULES:
             raise ValueError(f"switch_rule={switch_rule!r}: choose one of {list(SWITCH_RULES)}")
         for name, value in dict(num_checkpoints=num_checkpoints, degradation_interval=degradation_interval,
-                                iterations_per_stage=iterations_per_stage, plateau_patience=plateau_patience).items():
+                                iterations_per_stage=iterations_per_stage, plateau_patience=plateau_patience,
+                                recording_patience=recording_patience,
+                                max_recording_updates=max_recording_updates).items():
             if int(value) < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
         self.backtracking, self.num_checkpoints = backtracking, int(num_checkpoints)
         self.degradation_interval, self.iterations_per_stage = int(degradation_interval), int(iterations_per_stage)
+        self.recording_patience, self.recording_tol = int(recording_patience), float(recording_tol)
+        self.max_recording_updates = int(max_recording_updates)
         self.switch_rule, self.plateau_patience, self.plateau_tol = switch_rule, int(plateau_patience), plateau_tol
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.guidance_scale, self.normalize = guidance_scale, normalize
@@ -80,6 +92,8 @@ class DisBackStudent(OneStepModule):
         # the current backtracking target; None means the teacher itself
         self.real_score = self.teacher.copy_frozen() if backtracking else None
         self.path: list = []  # c_1..c_N: state dicts (CPU) or file paths
+        self.recording_losses: list[float] = []  # the DSM loss of every fake-score update of the recording
+        self.candidates: list = []  # (update, state dict or file) kept every degradation_interval updates
         self.stage = 0 if backtracking else 1
         self.stage_steps = 0  # updates in the current stage (fake-score updates in stage 0, generator updates after)
         self.mismatch_history: list[float] = []
@@ -88,8 +102,17 @@ class DisBackStudent(OneStepModule):
     # -- stages ------------------------------------------------------------------------------------
     @property
     def num_stages(self) -> int:
-        """Backtracking stages: N targets (``c_{N-1} .. c_1``, teacher); 1 (the teacher) without backtracking."""
-        return self.num_checkpoints if self.backtracking else 1
+        """Backtracking stages: one per target ``c_{N-1} .. c_1``, then the teacher (N = the path's length once
+        recorded: fewer than ``num_checkpoints`` if the recording converged within fewer candidates); 1 (the
+        teacher) without backtracking."""
+        if not self.backtracking:
+            return 1
+        return len(self.path) if self.path else self.num_checkpoints
+
+    @property
+    def recording_updates(self) -> int:
+        """Fake-score updates spent on the degradation recording so far."""
+        return len(self.recording_losses)
 
     @property
     def recording(self) -> bool:
@@ -132,12 +155,42 @@ class DisBackStudent(OneStepModule):
         mean_recent, mean_before = sum(recent) / k, sum(before) / k
         return mean_recent > (1 - self.plateau_tol) * mean_before
 
-    def _record_checkpoint(self) -> None:
+    def recording_converged(self, losses: list[float]) -> bool:
+        """Whether the fake score has converged on g_0's samples (a seam): the mean of the last
+        ``recording_patience`` DSM losses improves by less than ``recording_tol`` (relative) on the mean of the
+        ``recording_patience`` before; or ``max_recording_updates`` is reached."""
+        if len(losses) >= self.max_recording_updates:
+            return True
+        k = self.recording_patience
+        if len(losses) < 2 * k:
+            return False
+        recent, before = sum(losses[-k:]) / k, sum(losses[-2 * k:-k]) / k
+        return recent > (1 - self.recording_tol) * before
+
+    def path_indices(self, candidate_updates: list[int], losses: list[float]) -> list[int]:
+        """Which candidates become ``c_1 .. c_N`` (indices into the candidates, the last one always ``c_N``):
+        those whose smoothed DSM loss is nearest to ``L_0 - k/N (L_0 - L_end)`` for ``k = 1 .. N``, where ``L_0`` is
+        the loss of the first ``recording_patience`` updates (the teacher's score on g_0) and ``L_end`` that of
+        the last (the converged score). Distinct candidates, in order."""
+        k = self.recording_patience
+        smooth = lambda u: sum(losses[max(0, u - k):u]) / len(losses[max(0, u - k):u])  # noqa: E731
+        start, end = smooth(min(k, len(losses))), smooth(len(losses))
+        levels = [smooth(u) for u in candidate_updates]
+        chosen: list[int] = []
+        for j in range(1, self.num_checkpoints):
+            target = start - j / self.num_checkpoints * (start - end)
+            free = [i for i in range(len(levels) - 1) if not chosen or i > chosen[-1]]
+            if free:
+                chosen.append(min(free, key=lambda i: abs(levels[i] - target)))
+        return chosen + [len(levels) - 1]
+
+    def _keep_candidate(self) -> None:
         state = _cpu_state(self.fake_score.net)
+        update = len(self.recording_losses)
         if self.checkpoint_dir is None:
-            self.path.append(state)
+            self.candidates.append((update, state))
             return
-        file = self.checkpoint_dir / f"degradation_{len(self.path) + 1:03d}.pt"
+        file = self.checkpoint_dir / f"degradation_{update:06d}.pt"
         if self.trainer.is_global_zero:
             file.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
@@ -145,7 +198,19 @@ class DisBackStudent(OneStepModule):
                 torch.save(state, f)
             os.replace(tmp, file)
         self.trainer.strategy.barrier("disback_checkpoint")
-        self.path.append(str(file))
+        self.candidates.append((update, str(file)))
+
+    def _finish_recording(self) -> None:
+        """Keep the chosen candidates as the path ``c_1 .. c_N`` and start backtracking."""
+        if not self.candidates or self.candidates[-1][0] != len(self.recording_losses):
+            self._keep_candidate()  # c_N is the converged score itself
+        chosen = self.path_indices([u for u, _ in self.candidates], self.recording_losses)
+        self.path = [self.candidates[i][1] for i in chosen]
+        for i, (_, entry) in enumerate(self.candidates):
+            if i not in chosen and isinstance(entry, str) and self.trainer.is_global_zero:
+                Path(entry).unlink(missing_ok=True)
+        self.candidates = []
+        self._next_stage()
 
     def _next_stage(self) -> None:
         self.stage += 1
@@ -155,10 +220,10 @@ class DisBackStudent(OneStepModule):
 
     def after_training_step(self) -> None:
         if self.recording:
-            if self.stage_steps > 0 and self.stage_steps % self.degradation_interval == 0:
-                self._record_checkpoint()
-                if len(self.path) == self.num_checkpoints:
-                    self._next_stage()
+            if self.recording_converged(self.recording_losses):
+                self._finish_recording()
+            elif self.stage_steps > 0 and self.stage_steps % self.degradation_interval == 0:
+                self._keep_candidate()
         elif self.stage < self.num_stages and self.should_advance(self.stage_steps, self.mismatch_history):
             self._next_stage()
         self.log("disback/stage", float(self.stage), batch_size=1)
@@ -176,9 +241,10 @@ class DisBackStudent(OneStepModule):
             x0 = self.generate(captions, cond=cond)
         return denoising_loss(self.fake_score, self.schedule, x0, cond)
 
-    def on_auxiliary_update(self) -> None:
+    def on_auxiliary_update(self, loss: Tensor) -> None:
         if self.recording:
             self.stage_steps += 1
+            self.recording_losses.append(float(loss))  # a host sync per update, during the recording only
 
     def on_generator_update(self) -> None:
         self.stage_steps += 1
@@ -205,6 +271,7 @@ class DisBackStudent(OneStepModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["disback"] = {"stage": self.stage, "stage_steps": self.stage_steps, "path": list(self.path),
+                                 "recording_losses": list(self.recording_losses), "candidates": list(self.candidates),
                                  "mismatch_history": list(self.mismatch_history),
                                  "num_checkpoints": self.num_checkpoints, "backtracking": self.backtracking}
 
@@ -223,4 +290,6 @@ class DisBackStudent(OneStepModule):
                                     "or restart the run")
         self.stage, self.stage_steps = int(state["stage"]), int(state["stage_steps"])
         self.path, self.mismatch_history = list(state["path"]), list(state["mismatch_history"])
+        self.recording_losses = list(state.get("recording_losses", []))
+        self.candidates = [tuple(c) for c in state.get("candidates", [])]
         # real_score's weights (the current target) come back with the module's state dict

@@ -45,6 +45,9 @@ class OnPolicyModule(DistillModule):
         noise_level: eta (VP, DDIM) or a (rectified flow) of the stochastic steps.
         sde_steps: which steps are stochastic (None: all); the others are ODE steps.
         guidance_scale: classifier-free guidance in rollouts and in recomputed kernels (1: off).
+        timestep_fraction: train on the first ``int(num_steps * timestep_fraction)`` steps of each rollout only
+            (Flow-GRPO's and DiffusionOPD's ``train.timestep_fraction``; their 0.99 with 10 steps leaves out the
+            last step, whose kernel std is near zero on a flow grid).
         eval_steps: ODE steps of evaluation samples (``generate_eval_samples``).
         seed: base seed of rollout noise; step ``k`` on rank ``r`` draws from ``seed + k * 1009 + r``,
             so a resumed run draws the same noise as an uninterrupted one.
@@ -52,8 +55,11 @@ class OnPolicyModule(DistillModule):
 
     def __init__(self, model: str, model_kwargs: Optional[dict], *, lora_rank: int, num_steps: int,
                  noise_level: float, sde_steps: Optional[Sequence[int]], guidance_scale: float,
-                 eval_steps: int, seed: int, **base: Any):
+                 eval_steps: int, seed: int, timestep_fraction: float = 1.0, **base: Any):
         super().__init__(**base)
+        if not 0 < timestep_fraction <= 1 or int(num_steps * timestep_fraction) < 1:
+            raise ValueError(f"timestep_fraction={timestep_fraction}: need 0 < timestep_fraction <= 1 with at least "
+                             f"one of the num_steps={num_steps} steps trained (int(num_steps * timestep_fraction) >= 1)")
         self.model: DiffusionModel = load_model(model, **(model_kwargs or {}))
         self.model.requires_grad_(False)
         if lora_rank > 0:
@@ -66,6 +72,8 @@ class OnPolicyModule(DistillModule):
         grid = self.model.schedule.grid(num_steps)
         # host copy of each step's kernel std: which steps have a density, known without a device sync
         self.step_stds = [float(self.model.schedule.kernel_std(grid.at(i), level)) for i, level in enumerate(self.levels)]
+        self.step_lengths = (grid.sigma_t - grid.sigma_s).tolist()  # how far each step moves the noise level
+        self.train_steps = int(num_steps * timestep_fraction)  # steps 0 .. train_steps - 1 enter the loss
         self._grids: dict[tuple, SamplingGrid] = {}
 
     def setup(self, stage: str) -> None:
@@ -103,25 +111,29 @@ class OnPolicyModule(DistillModule):
         return traj
 
     def kernel(self, model: DiffusionModel, traj: Trajectory, rows: Tensor, steps: Tensor,
-               cond: Optional[dict], uncond: Optional[dict]) -> tuple[Tensor, Tensor]:
-        """Mean and std of ``model``'s kernel at ``(rows, steps)`` pairs of a trajectory ``[M]``.
+               cond: Optional[dict], uncond: Optional[dict],
+               guidance_scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+        """Mean and std of ``model``'s kernel at ``(rows, steps)`` pairs of a trajectory ``[M]``, with classifier-free
+        guidance ``guidance_scale`` (default: the rollouts' ``guidance_scale``).
 
         Gradient flows into ``model`` unless called under ``no_grad``; ``x_t`` comes from the
         trajectory and is never differentiated."""
         pick = lambda c: None if c is None else {k: v[rows] for k, v in c.items()}  # noqa: E731
         x = traj.latents[rows, steps]
         grid = self.grid().at(steps)
-        prediction = guided_prediction(model, x, grid.timesteps, pick(cond), pick(uncond), self.guidance_scale)
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        prediction = guided_prediction(model, x, grid.timesteps, pick(cond), pick(uncond), scale)
         levels = traj.noise_levels[steps]
         return model.schedule.kernel(prediction.float(), x, grid, levels)
 
     def training_pairs(self, traj: Trajectory, steps_per_sample: Optional[int], generator: torch.Generator,
                        stochastic_only: bool = True):
         """``(rows, steps)`` LongTensors ``[M]``: for each sample, ``steps_per_sample`` steps drawn
-        without replacement (all of them if None) among the stochastic steps (or all steps), in random
-        order (Flow-GRPO's denoising reduction). ``generator`` and the results are on the CPU, so that
-        routing and chunking never read device memory back."""
+        without replacement (all of them if None) among the stochastic steps (or all steps) of the first
+        ``train_steps``, in random order (Flow-GRPO's denoising reduction). ``generator`` and the results are on
+        the CPU, so that routing and chunking never read device memory back."""
         candidates = torch.tensor(self.step_stds) > 0 if stochastic_only else torch.ones(len(self.levels), dtype=torch.bool)
+        candidates[self.train_steps:] = False
         stochastic = torch.nonzero(candidates).flatten()
         k = len(stochastic) if steps_per_sample is None else min(steps_per_sample, len(stochastic))
         batch = traj.latents.shape[0]

@@ -217,8 +217,8 @@ class OneStepModule(DistillModule, abc.ABC):
     def generator_loss(self, batch: dict, captions: list[str], cond: Optional[dict]) -> Tensor:
         """The generator's (surrogate) loss on this batch (scalar)."""
 
-    def on_auxiliary_update(self) -> None:
-        """Called after each successful auxiliary update."""
+    def on_auxiliary_update(self, loss: Tensor) -> None:
+        """Called after each successful auxiliary update, with its (detached) loss."""
 
     def on_generator_update(self) -> None:
         """Called after each successful generator update (and its EMA update)."""
@@ -250,7 +250,7 @@ class OneStepModule(DistillModule, abc.ABC):
             loss = self._update(opt_auxiliary, lambda: self.auxiliary_loss(batch, captions, cond), "auxiliary loss")
             if loss is not None:
                 self.auxiliary_updates += 1
-                self.on_auxiliary_update()
+                self.on_auxiliary_update(loss)
                 self.log("train/auxiliary_loss", loss, prog_bar=True, batch_size=size)
         if self.train_generator_now():
             loss = self._update(opt_generator, lambda: self.generator_loss(batch, captions, cond), "generator loss")

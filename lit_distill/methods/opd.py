@@ -15,6 +15,9 @@ from .base import module_args
 from .on_policy import OnPolicyModule
 
 
+STEP_WEIGHTINGS = ("kl", "mean", "kl_dt")
+
+
 class OPDStudent(OnPolicyModule):
     """A multi-task student trained on its own rollouts to match the routed teacher's kernels.
 
@@ -22,19 +25,25 @@ class OPDStudent(OnPolicyModule):
     (``rollouts_per_prompt`` each) with the shared rollout function; at (sample, step) pairs the student's
     kernel mean is recomputed with gradient and the routed teacher's on the same ``x_t`` without; the
     loss is the closed-form per-step KL ``||mu_s - mu_T||^2 / (2 std^2)`` on stochastic steps and
-    ``ode_weight * ||mu_s - mu_T||^2`` on ODE steps, weighted by :meth:`step_weight`, averaged.
+    ``ode_weight * ||mu_s - mu_T||^2`` on ODE steps, weighted by :meth:`step_weight`, averaged over the pairs of
+    the first ``int(num_steps * timestep_fraction)`` steps.
 
     Args (beyond :class:`OnPolicyModule`'s):
         teachers: ``{teacher_name: model source}``, one frozen teacher per task (a directory saved by
             TeacherRL's export, or any source ``load_model`` accepts).
         teacher_dtype: e.g. ``"bfloat16"`` for the cheap form of frozen teachers (None: the student's).
+        teacher_guidance: ``{teacher_name: guidance scale}`` of each teacher's kernels (DiffusionOPD gives each
+            teacher its own); teachers not named use ``guidance_scale``, the student's.
         rollouts_per_prompt: student rollouts per prompt of the batch.
         steps_per_sample: random steps per rollout that enter the loss (None: all steps).
         minibatch_size: (sample, step) pairs per optimiser step.
         ode_weight: weight of mean matching on deterministic steps.
-        step_weighting: ``"kl"`` (every step's KL counts as is: the path KL) or ``"mean"`` (each stochastic
-            step's KL times ``2 std^2``, i.e. plain mean matching ``||mu_s - mu_T||^2`` on every step, so the
-            low-noise late steps no longer dominate); the default of :meth:`step_weight`.
+        step_weighting: the default of :meth:`step_weight`: ``"kl"`` (every step's exact KL: their sum is the
+            KL of the whole path, dominated by the low-noise late steps, where the std is smallest); ``"mean"``
+            (each stochastic step's KL times ``2 std^2``: plain mean matching ``||mu_s - mu_T||^2`` on every
+            step, what DiffusionOPD trains with its default noise level 0); ``"kl_dt"`` (each KL times the
+            step's length ``sigma_t - sigma_s``: ``||mu_s - mu_T||^2 / (2 sigma_t^2)`` with the SDE's noise
+            level ``sigma_t``, the per-step loss of DiffusionOPD's training script with noise).
         kl_reduction: ``"sum"`` (the exact KL of the whole sample) or ``"mean"`` (divided by elements D).
 
     Teachers are kept out of the student's ``state_dict`` (they are reloaded from their sources) and are
@@ -45,9 +54,11 @@ class OPDStudent(OnPolicyModule):
     method = "opd"
 
     def __init__(self, model: str = "embedded:base", teachers: Optional[dict[str, Any]] = None,
-                 model_kwargs: Optional[dict] = None, *, teacher_dtype: Optional[str] = None, lora_rank: int = 0,
+                 model_kwargs: Optional[dict] = None, *, teacher_dtype: Optional[str] = None,
+                 teacher_guidance: Optional[dict[str, float]] = None, lora_rank: int = 0,
                  num_steps: int = 10, noise_level: float = 0.7, sde_steps: Optional[Sequence[int]] = None,
-                 guidance_scale: float = 1.0, eval_steps: int = 20, rollouts_per_prompt: int = 1,
+                 guidance_scale: float = 1.0, timestep_fraction: float = 1.0, eval_steps: int = 20,
+                 rollouts_per_prompt: int = 1,
                  steps_per_sample: Optional[int] = None, minibatch_size: int = 64, ode_weight: float = 1.0,
                  step_weighting: str = "kl",
                  kl_reduction: str = "sum", max_grad_norm: Optional[float] = 1.0, lr: float = 1e-5,
@@ -55,15 +66,15 @@ class OPDStudent(OnPolicyModule):
                  gradient_checkpointing: bool = False, seed: int = 0):
         super().__init__(model, model_kwargs, lora_rank=lora_rank, num_steps=num_steps, noise_level=noise_level,
                          sde_steps=sde_steps, guidance_scale=guidance_scale, eval_steps=eval_steps, seed=seed,
-                         lr=lr, weight_decay=weight_decay, nan_policy=nan_policy, compile=compile,
-                         gradient_checkpointing=gradient_checkpointing)
+                         timestep_fraction=timestep_fraction, lr=lr, weight_decay=weight_decay, nan_policy=nan_policy,
+                         compile=compile, gradient_checkpointing=gradient_checkpointing)
         self.save_hyperparameters(ignore=module_args(model=model) + (
             ["teachers"] if any(not isinstance(t, str) for t in (teachers or {}).values()) else []))
         self.automatic_optimization = False
         if not teachers:
             raise ValueError("teachers is empty: give {task: model source} for every task of the prompt set")
-        if step_weighting not in ("kl", "mean"):
-            raise ValueError(f"step_weighting={step_weighting!r}: choose 'kl' or 'mean'")
+        if step_weighting not in STEP_WEIGHTINGS:
+            raise ValueError(f"step_weighting={step_weighting!r}: choose one of {list(STEP_WEIGHTINGS)}")
         self.step_weighting = step_weighting
         if kl_reduction not in ("sum", "mean"):
             raise ValueError(f"kl_reduction={kl_reduction!r}: choose 'sum' or 'mean'")
@@ -74,6 +85,10 @@ class OPDStudent(OnPolicyModule):
             teacher = load_model(source).copy_frozen(dtype)
             check_compatible(self.model, teacher, name)
             self.teachers[name] = teacher
+        unknown = sorted(set(teacher_guidance or {}) - set(self.teachers))
+        if unknown:
+            raise ValueError(f"teacher_guidance names {unknown}, which are not teachers ({sorted(self.teachers)})")
+        self.teacher_guidance = {name: float((teacher_guidance or {}).get(name, guidance_scale)) for name in self.teachers}
         self.cfg = dict(rollouts_per_prompt=rollouts_per_prompt, steps_per_sample=steps_per_sample,
                         minibatch_size=minibatch_size, ode_weight=ode_weight, max_grad_norm=max_grad_norm)
         self.kl_scale = 1.0 if kl_reduction == "sum" else 1.0 / torch.Size(self.model.sample_shape).numel()
@@ -84,12 +99,17 @@ class OPDStudent(OnPolicyModule):
         return task
 
     def step_weight(self, steps: Tensor) -> Tensor:
-        """Loss weight of each pair's step ``[M]``: 1 (``step_weighting="kl"``), or ``2 std^2`` on stochastic
-        steps and 1 on ODE steps (``"mean"``). Override for any other weighting over time."""
-        if self.step_weighting == "kl":
-            return torch.ones(steps.shape, device=steps.device)
+        """Loss weight of each pair's step ``[M]`` (1 on ODE steps, whose loss is mean matching already); on
+        stochastic steps: 1 (``step_weighting="kl"``), ``2 std^2`` (``"mean"``) or the step length
+        ``sigma_t - sigma_s`` (``"kl_dt"``). Override for any other weighting over time."""
         stds = torch.tensor(self.step_stds, device=steps.device)[steps]
-        return torch.where(stds > 0, 2 * stds**2, torch.ones_like(stds))
+        if self.step_weighting == "kl":
+            weight = torch.ones_like(stds)
+        elif self.step_weighting == "mean":
+            weight = 2 * stds**2
+        else:
+            weight = torch.tensor(self.step_lengths, device=steps.device, dtype=stds.dtype)[steps]
+        return torch.where(stds > 0, weight, torch.ones_like(stds))
 
     def check_tasks(self, tasks: Sequence[str]) -> None:
         """Raise before any compute if a task has no teacher."""
@@ -116,11 +136,11 @@ class OPDStudent(OnPolicyModule):
         with torch.no_grad():
             for name in sorted(set(names)):
                 sel = torch.tensor([i for i, n in enumerate(names) if n == name])
-                teacher = self.teachers[name]
+                teacher, scale = self.teachers[name], self.teacher_guidance[name]
                 cond = teacher.encode_prompts(list(prompts))
-                uncond = teacher.null_cond(len(prompts)) if self.guidance_scale != 1.0 else None
+                uncond = teacher.null_cond(len(prompts)) if scale != 1.0 else None
                 r, s = rows[sel].to(self.device), steps[sel].to(self.device)
-                out[sel.to(self.device)] = self.kernel(teacher, traj, r, s, cond, uncond)[0].float()
+                out[sel.to(self.device)] = self.kernel(teacher, traj, r, s, cond, uncond, scale)[0].float()
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> None:

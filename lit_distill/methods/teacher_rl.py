@@ -44,7 +44,7 @@ class TeacherRL(OnPolicyModule):
     def __init__(self, model: str = "embedded:base", reward: Union[str, dict, Any] = "digit_correctness",
                  model_kwargs: Optional[dict] = None, *, lora_rank: int = 0, num_steps: int = 10,
                  noise_level: float = 0.7, sde_steps: Optional[Sequence[int]] = None, guidance_scale: float = 1.0,
-                 eval_steps: int = 20, group_size: int = 8, advantage: Literal["group", "running"] = "group",
+                 timestep_fraction: float = 1.0, eval_steps: int = 20, group_size: int = 8, advantage: Literal["group", "running"] = "group",
                  adv_clip: float = 5.0, steps_per_sample: Optional[int] = None, inner_epochs: int = 1,
                  minibatch_size: int = 64, clip_range: float = 0.2, kl_weight: float = 0.0,
                  reference: Literal["copy", "lora_base"] = "copy", reference_dtype: Optional[str] = None,
@@ -53,7 +53,7 @@ class TeacherRL(OnPolicyModule):
                  gradient_checkpointing: bool = False, seed: int = 0):
         super().__init__(model, model_kwargs, lora_rank=lora_rank, num_steps=num_steps, noise_level=noise_level,
                          sde_steps=sde_steps, guidance_scale=guidance_scale, eval_steps=eval_steps, seed=seed,
-                         lr=lr, weight_decay=weight_decay, nan_policy=nan_policy, compile=compile,
+                         timestep_fraction=timestep_fraction, lr=lr, weight_decay=weight_decay, nan_policy=nan_policy, compile=compile,
                          gradient_checkpointing=gradient_checkpointing)
         self.save_hyperparameters(ignore=module_args(model=model, reward=reward))
         self.automatic_optimization = False
