@@ -111,6 +111,55 @@ def merge_part(path: str | os.PathLike, part: str | os.PathLike, merge_depth: in
     return path
 
 
+def run_jobs(jobs: list[list[str]], parallel: int, log_dir: str | os.PathLike) -> None:
+    """Run each argument list of ``jobs`` as ``python ARGS`` (at most ``parallel`` at once), each with its
+    output in ``log_dir/job_K.log``; raise naming the log of the first job that failed. Independent units of
+    a benchmark (seeds, systems, tasks) share one GPU this way: the embedded models are far too small to
+    fill it alone."""
+    import time
+
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    waiting, running, failed = list(enumerate(jobs)), [], []
+    while waiting or running:
+        while waiting and len(running) < max(1, parallel):
+            k, args = waiting.pop(0)
+            log = open(log_dir / f"job_{k}.log", "w")
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            running.append((k, subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env),
+                            log))
+            print(f"[jobs] start {k}: {' '.join(args)}", flush=True)
+        time.sleep(1)
+        for entry in list(running):
+            k, proc, log = entry
+            if proc.poll() is not None:
+                running.remove(entry)
+                log.close()
+                print(f"[jobs] done {k} (exit {proc.returncode})", flush=True)
+                if proc.returncode != 0:
+                    failed.append(log_dir / f"job_{k}.log")
+    if failed:
+        raise RuntimeError(f"{len(failed)} job(s) failed; see {', '.join(map(str, failed))}")
+
+
+def seed_mean(per_seed: dict[str, dict]):
+    """The mean over seeds of ``{seed: figures}``, figure by figure: numbers are averaged, dicts recursed into,
+    lists of ``[x, y]`` points averaged point by point (the seeds must share the x values); other values are
+    taken from the first seed."""
+    values = list(per_seed.values())
+    first = values[0]
+    if isinstance(first, bool) or not isinstance(first, (int, float, dict, list)):
+        return first
+    if isinstance(first, (int, float)):
+        return sum(values) / len(values)
+    if isinstance(first, dict):
+        return {k: seed_mean({s: v[k] for s, v in per_seed.items()}) for k in first if all(k in v for v in values)}
+    if all(isinstance(p, list) and len(p) == 2 for p in first):
+        length = min(len(v) for v in values)
+        return [[first[i][0], sum(v[i][1] for v in values) / len(values)] for i in range(length)]
+    return first
+
+
 def markdown_table(header: list[str], rows: list[list]) -> list[str]:
     """The lines of a markdown table; ``None`` cells print as an em dash."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

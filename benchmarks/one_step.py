@@ -1,10 +1,10 @@
 """One-step generators from the embedded teacher: FID against generator updates for DisBack, its
-Diff-Instruct baseline, NoDistill with teacher init and with random init, and the teacher's own
-many-step FID. FIDs are Fréchet distances in the project's digit-classifier features
-(``fid_classifier``), not Inception FIDs.
+Diff-Instruct baseline, NoDistill with teacher init and with random init, the teacher's own many-step FID
+and the real-data floor, per seed. FIDs are Fréchet distances in the project's digit-classifier features
+(``fid_classifier``), not Inception FIDs, against the held-out reference part of MNIST.
 
-    python benchmarks/one_step.py            # GPU
-    python benchmarks/one_step.py --cpu      # short CPU variant
+    python benchmarks/one_step.py --seeds 0 1 2 --jobs 12     # GPU: every (seed, system) in parallel
+    python benchmarks/one_step.py --cpu                      # short CPU variant
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_curves, update_docs_table, write_results  # noqa: E402
+from common import plot_curves, run_jobs, seed_mean, update_docs_table, write_results  # noqa: E402
 
 from lit_distill.callbacks import FIDCallback  # noqa: E402
 from lit_distill.data import ImageDataModule, caption_for  # noqa: E402
@@ -79,13 +79,22 @@ def parse(argv=None):
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--updates", type=int, help="generator updates per system (default 600 GPU, 40 CPU)")
     p.add_argument("--every", type=int, help="FID period in generator updates")
-    p.add_argument("--num-samples", type=int, default=None, help="images per FID (default 1000 GPU, 200 CPU)")
+    p.add_argument("--num-samples", type=int, default=None, help="images per FID (default 5000 GPU, 200 CPU)")
     p.add_argument("--teacher-steps", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--jobs", type=int, default=1, help="units (seed, system) run at once, each a process")
+    p.add_argument("--intermediate-share", type=float, default=0.1,
+                   help="DisBack: share of the generator updates spent on the intermediate targets (the paper's "
+                        "released SDXL scripts: about 10%%)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS))
     p.add_argument("--override", type=json.loads, default={}, help="JSON of keyword arguments given to every "
                    "system's module, e.g. '{\"betas\": [0.0, 0.999]}'")
+    p.add_argument("--ablations", type=json.loads, default={},
+                   help='variants of one system, \'{"NAME": {"system": "disback", "settings": {...}}}\'')
+    p.add_argument("--work", default="runs/bench_one_step")
+    p.add_argument("--unit", nargs=2, metavar=("SEED", "SYSTEM"), help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results/one_step.json")
     p.add_argument("--no-docs", action="store_true", help="do not touch docs/ (e.g. when --out is a part to merge)")
     p.add_argument("--docs-only", action="store_true", help="measure nothing: rebuild figure and table from --out")
@@ -94,72 +103,144 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    if args.unit:
+        run_unit(args, int(args.unit[0]), args.unit[1])
+        return
     if not args.docs_only:
-        for figures in measure(args):  # written after every system: a run stopped by a time limit keeps them
-            write_results("one_step", figures, args.out)
+        write_results("one_step", measure(args), args.out)
     if not args.no_docs:
         write_docs(args.out)
 
 
-def measure(args):
-    """Yields the figures measured so far after each system."""
+def settings(args) -> tuple[int, int, int]:
     updates = args.updates or (40 if args.cpu else 600)
-    every = args.every or max(1, updates // 6)
-    num_samples = args.num_samples or (200 if args.cpu else 1000)
+    return updates, args.every or max(1, updates // 6), args.num_samples or (200 if args.cpu else 5000)
+
+
+def fid_callback(args, num_samples: int) -> FIDCallback:
+    """FID against the held-out reference part of the embedded digits (see FIDCallback)."""
+    return FIDCallback(num_samples=num_samples, cache_dir=args.cache_dir, real_source="embedded:mnist",
+                       resolution=16, eval_at_start=False, eval_at_end=False, batch_size=500)
+
+
+def unit_file(args, seed: int, system: str) -> Path:
+    return Path(args.work) / f"seed{seed}" / f"{system}.json"
+
+
+def module_for(args, system: str, seed: int, updates: int):
+    """The module of ``system`` (a key of SYSTEMS, or of ``--ablations``) for ``seed``."""
     base = ensure_embedded_base(cache_dir=args.cache_dir)
+    ablation = args.ablations.get(system)
+    name = ablation["system"] if ablation else system
+    cls, kwargs = SYSTEMS[name]
+    kwargs = {**kwargs, "seed": seed}
+    if name == "disback":  # the paper's share of the budget on the intermediate targets, the rest on the teacher
+        targets = kwargs.get("num_checkpoints", 4) - 1
+        kwargs["iterations_per_stage"] = max(1, round(args.intermediate_share * updates / targets))
+    return cls(str(base), **{**kwargs, **args.override, **(ablation["settings"] if ablation else {})})
+
+
+def run_unit(args, seed: int, system: str) -> dict:
+    """Train one system with one seed; FID every ``every`` generator updates. Writes and returns its part."""
+    updates, every, num_samples = settings(args)
     accelerator = "cpu" if args.cpu else "auto"
+    L.seed_everything(seed, verbose=False)
+    module = module_for(args, system, seed, updates)
+    curve = Curve(fid_callback(args, num_samples), every, updates)
+    start = time.time()
+    L.Trainer(max_steps=100 * updates, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[curve]).fit(
+        module, ImageDataModule("embedded:mnist", resolution=16, batch_size=args.batch_size, seed=seed))
+    part = {"curve": curve.points, "seconds": round(time.time() - start, 1),
+            "recording_updates": getattr(module, "recording_updates", 0)}
+    unit_file(args, seed, system).parent.mkdir(parents=True, exist_ok=True)
+    unit_file(args, seed, system).write_text(json.dumps(part))
+    print(f"[one_step] seed {seed} {system}: {curve.points[0][1]} -> {curve.points[-1][1]}", flush=True)
+    return part
 
-    def fid_callback():
-        return FIDCallback(num_samples=num_samples, cache_dir=args.cache_dir, real_source="embedded:digits",
-                           resolution=16, eval_at_start=False, eval_at_end=False)
 
+def reference_figures(args) -> dict:
+    """The teacher's many-step FID and the real-data floor, at the benchmark's sample count."""
+    _, _, num_samples = settings(args)
+    base = ensure_embedded_base(cache_dir=args.cache_dir)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     teacher = TeacherSampler(DiffusionModel.from_pretrained(base).freeze_(), args.teacher_steps).to(device)
     fake_trainer = SimpleNamespace(global_rank=0, world_size=1, is_global_zero=True, datamodule=None)
-    teacher_fid = fid_callback().evaluate(fake_trainer, teacher)
-    print(f"[one_step] teacher ({args.teacher_steps} ODE steps): fid_classifier {teacher_fid:.2f}", flush=True)
+    fid = fid_callback(args, num_samples)
+    teacher_fid = fid.evaluate(fake_trainer, teacher)
+    floor = fid.real_floor(fake_trainer, device)
+    print(f"[one_step] teacher ({args.teacher_steps} ODE steps): {teacher_fid:.3f}; real floor {floor:.3f}", flush=True)
+    return {"teacher_fid": round(teacher_fid, 4), "real_floor": round(floor, 4)}
 
-    curves, seconds = {}, {}
 
-    def figures():
-        return {"fid_features": "classifier", "teacher_fid": round(teacher_fid, 3), "teacher_steps": args.teacher_steps,
-                "curves": curves, "wall_seconds": seconds, "generator_updates": updates, "num_samples": num_samples,
-                "override": args.override,
-                "note": "DisBack's stage-0 degradation recording trains only the auxiliary score; its steps are not "
-                        "generator updates and are not on the x axis"}
+def measure(args) -> dict:
+    updates, _, num_samples = settings(args)
+    ensure_embedded_base(cache_dir=args.cache_dir)
+    systems = list(args.systems) + list(args.ablations)
+    units = [(seed, name) for seed in args.seeds for name in systems]
+    if args.jobs > 1:
+        keep = ("updates", "every", "num_samples", "teacher_steps", "batch_size", "cache_dir", "work",
+                "intermediate_share")
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in keep and v is not None]
+        flags += ["--override", json.dumps(args.override), "--ablations", json.dumps(args.ablations)]
+        flags += ["--cpu"] if args.cpu else []
+        run_jobs([[__file__, *flags, "--unit", str(s), name] for s, name in units], args.jobs,
+                 Path(args.work) / "logs")
+        parts = {u: json.loads(unit_file(args, *u).read_text()) for u in units}
+    else:
+        parts = {u: run_unit(args, *u) for u in units}
+    reference = reference_figures(args)
+    per_seed = {str(s): {name: parts[(s, name)]["curve"] for name in systems} for s in args.seeds}
+    mean = seed_mean(per_seed)
+    return {"fid_features": "classifier", "fid_reference": "heldout", **reference,
+            "teacher_steps": args.teacher_steps, "seeds": list(args.seeds),
+            "curves": {k: v for k, v in mean.items() if k in args.systems},
+            "curves_per_seed": {s: {k: v for k, v in c.items() if k in args.systems} for s, c in per_seed.items()},
+            "ablations": {name: {**args.ablations[name], "curve": mean[name],
+                                 "curves_per_seed": {s: c[name] for s, c in per_seed.items()}}
+                          for name in args.ablations},
+            "disback_recording_updates": {str(s): parts[(s, "disback")]["recording_updates"]
+                                          for s in args.seeds if (s, "disback") in parts},
+            "wall_seconds": {name: round(sum(parts[(s, name)]["seconds"] for s in args.seeds) / len(args.seeds), 1)
+                             for name in systems},
+            "generator_updates": updates, "num_samples": num_samples, "override": args.override,
+            "disback_intermediate_share": args.intermediate_share,
+            "note": "FIDs compare samples with the held-out reference part of MNIST (its test images), which neither "
+                    "the teacher, the generators nor the digit classifier trained on; real_floor is the FID of as "
+                    "many held-out real images (the validation part). DisBack's degradation-recording updates train "
+                    "only the auxiliary score and are not on the x axis (disback_recording_updates)."}
 
-    for name in args.systems:
-        cls, kwargs = SYSTEMS[name]
-        print(f"[one_step] {name}", flush=True)
-        torch.manual_seed(0)
-        if name == "disback":  # 3/8 of the budget on the three intermediate targets, the rest on the teacher
-            kwargs = {**kwargs, "iterations_per_stage": max(1, updates // 8)}  # default num_checkpoints=4
-        module = cls(str(base), **{**kwargs, **args.override})
-        curve = Curve(fid_callback(), every, updates)
-        start = time.time()
-        L.Trainer(max_steps=100 * updates, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[curve]).fit(
-            module, ImageDataModule("embedded:digits", resolution=16, batch_size=args.batch_size, repeat=50))
-        curves[name], seconds[name] = curve.points, round(time.time() - start, 1)
-        yield figures()
+
+def reach_fraction(curve: list, target: float) -> float | None:
+    """The fraction of ``curve``'s updates after which its FID first is <= ``target`` (None: never)."""
+    return next((x / curve[-1][0] for x, y in curve if y <= target), None)
 
 
 def write_docs(results: str) -> None:
     figures = json.loads(Path(results).read_text())["figures"]
-    curves, seconds = figures["curves"], figures["wall_seconds"]
+    curves, seconds, seeds = figures["curves"], figures["wall_seconds"], figures.get("seeds", [0])
     plot_curves(curves, "docs/one_step_fid.png", xlabel="generator updates", ylabel="fid_classifier (log)",
                 hline=figures["teacher_fid"], hline_label=f"teacher ({figures['teacher_steps']} steps)", logy=True)
-    rows = [[name, c[0][1], c[len(c) // 2][1], c[-1][0], c[-1][1], seconds.get(name, "")] for name, c in curves.items()]
-    rows.append([f"teacher, {figures['teacher_steps']} ODE steps", "", "", "", figures["teacher_fid"], ""])
-    for key, variants in figures.items():  # ablations of one system: {"ablation_SYSTEM": {variant: {"curve": ...}}}
-        for variant, run in (variants.items() if key.startswith("ablation_") else ()):
-            if isinstance(run, dict) and "curve" in run:
-                c = run["curve"]
-                rows.append([f"{key.removeprefix('ablation_')} [{variant}]", c[0][1], c[len(c) // 2][1], c[-1][0],
-                             c[-1][1], ""])
-    note = figures.get("note", "") + " Rows with [brackets] are ablations; each one's command is in the JSON."
-    update_docs_table("one_step", ["system", "fid at 0", "fid at half", "updates", "final fid", "seconds"], rows,
-                      results, note=note, figure="curves")
+    per_seed = figures.get("curves_per_seed", {})
+    rows = []
+    for name, c in curves.items():
+        finals = [per_seed[str(k)][name][-1][1] for k in seeds if name in per_seed.get(str(k), {})]
+        rows.append([name, f"{c[0][1]:.2f}", f"{c[len(c) // 2][1]:.2f}", c[-1][0], f"{c[-1][1]:.2f}",
+                     ", ".join(f"{v:.2f}" for v in finals), seconds.get(name, "")])
+    for name, run in figures.get("ablations", {}).items():
+        c = run["curve"]
+        rows.append([f"{run['system']} [{name}: {json.dumps(run['settings'])}]", f"{c[0][1]:.2f}",
+                     f"{c[len(c) // 2][1]:.2f}", c[-1][0], f"{c[-1][1]:.2f}", "", seconds.get(name, "")])
+    rows.append([f"teacher, {figures['teacher_steps']} ODE steps", "", "", "", f"{figures['teacher_fid']:.2f}", "", ""])
+    rows.append(["real floor (held-out real images)", "", "", "", f"{figures['real_floor']:.2f}", "", ""])
+    note = (f"Mean over seeds {seeds}; {figures['num_samples']} samples per FID. " + figures.get("note", "")
+            + " Rows with [brackets] are ablations.")
+    if "disback" in curves and "diff_instruct" in curves:
+        reach = reach_fraction(curves["disback"], curves["diff_instruct"][-1][1])
+        note += (f" DisBack reaches Diff-Instruct's final FID after "
+                 f"{'never' if reach is None else f'{reach:.0%} of'} its generator updates.")
+    update_docs_table("one_step", ["system", "fid at 0", "fid at half", "updates", "final fid", "final fid per seed",
+                                   "seconds"], rows, results, note=note, figure="curves")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,18 @@
-"""OPD student vs multi-reward RL vs cascade RL, from the same base at equal student updates.
+"""OPD student vs joint multi-reward RL vs cascade RL, from the same base at equal student updates, per seed.
 
-Needs the teachers of benchmarks/teacher_rl.py (trains them if benchmarks/results/teacher_rl.json
-does not point at existing ones).
+Every seed's students distil (OPD) or start from (cascade) the teachers of the same seed, written by
+benchmarks/teacher_rl.py (``--teachers``, its results file). The three students:
 
-    python benchmarks/opd_vs_rl.py            # GPU
-    python benchmarks/opd_vs_rl.py --cpu      # short CPU variant
+- ``opd``: OPDStudent on the mixed prompts of every task, each prompt routed to its task's teacher;
+- ``multi_reward_rl``: TeacherRL on the same mixed prompts, each prompt scored by its own task's reward
+  (joint RL over the tasks: DiffusionOPD's multi-reward baseline);
+- ``cascade_rl``: TeacherRL on task 1, then task 2 from that result, then task 3, a third of the updates each.
+
+``--ablations`` adds OPD variants (``{"name": {OPDStudent keyword: value}}``), each on its own, reported
+under ``figures.ablations``.
+
+    python benchmarks/opd_vs_rl.py --seeds 0 1 2 --jobs 9     # GPU
+    python benchmarks/opd_vs_rl.py --cpu                     # short CPU variant, seed 0
 """
 from __future__ import annotations
 
@@ -14,89 +22,156 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_bars, update_docs_table, write_results  # noqa: E402
+from common import plot_bars, run_jobs, seed_mean, update_docs_table, write_results  # noqa: E402
 
-from lit_distill.methods import OPDStudent, TeacherRL  # noqa: E402
-from lit_distill.pipeline import MULTI_REWARD, TASK_REWARDS, fit_stage, rewards_of, split_prompts  # noqa: E402
+from lit_distill.pipeline import PER_TASK_REWARD, TASK_REWARDS, fit_stage, rewards_of, split_prompts  # noqa: E402
 
-import teacher_rl  # noqa: E402
+#: OPDStudent settings of the main row: DiffusionOPD's (timestep_fraction 0.99 leaves out the last of 10 steps)
+OPD_SETTINGS = {"timestep_fraction": 0.9, "step_weighting": "mean"}
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--steps", type=int, help="student optimiser steps, equal for the three students")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the seeds of --teachers")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--systems", nargs="+", default=["opd", "multi_reward_rl", "cascade_rl"])
+    p.add_argument("--opd", type=json.loads, default=OPD_SETTINGS, help="OPDStudent keywords of the main row (JSON)")
+    p.add_argument("--ablations", type=json.loads, default={}, help='OPD variants, e.g. \'{"kl": {"step_weighting": "kl"}}\'')
     p.add_argument("--work", default="runs/bench")
     p.add_argument("--teachers", default="benchmarks/results/teacher_rl.json")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--num-steps", type=int, default=10)
+    p.add_argument("--eval-samples", type=int, default=8)
+    p.add_argument("--unit", nargs=2, metavar=("SEED", "SYSTEM"), help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results/opd_vs_rl.json")
     p.add_argument("--docs-only", action="store_true", help="measure nothing: rebuild figure and table from --out")
     return p.parse_args(argv)
 
 
+def teachers_of(args) -> dict:
+    figures = json.loads(Path(args.teachers).read_text())["figures"]
+    missing = [m for models in figures["models"].values() for m in models.values() if not Path(m).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{args.teachers} names teachers that are not on disk ({missing[:3]}...): run "
+                                "benchmarks/teacher_rl.py first (with the same --work)")
+    return figures
+
+
+def unit_file(work: Path, seed: int, system: str) -> Path:
+    return work / f"seed{seed}" / f"student_{system}.json"
+
+
+def run_unit(args, seed: int, system: str) -> dict:
+    """Train one student of one seed; returns (and writes) ``{"rewards", "seconds"}``."""
+    from lit_distill.methods import OPDStudent, TeacherRL
+
+    steps = args.steps or (40 if args.cpu else 300)
+    prior = teachers_of(args)
+    tasks, base = list(prior["tasks"]), prior["base_model"]
+    work = Path(args.work) / f"seed{seed}"
+    prompts = split_prompts(work / system, tasks)
+    common = dict(num_steps=args.num_steps, lr=args.lr, seed=seed)
+    fit = dict(batch_size=args.prompts_per_step, progress=False, samples_per_prompt=args.eval_samples, seed=seed)
+    if system == "opd" or system.startswith("opd["):
+        settings = {**args.opd, **args.ablations.get(system[4:-1], {})} if system != "opd" else args.opd
+        student = OPDStudent(base, prior["models"][str(seed)], rollouts_per_prompt=args.group_size,
+                             minibatch_size=64, **common, **settings)
+        history, seconds, _ = fit_stage(student, prompts["multitask"], prompts["eval"], steps, work, system, **fit)
+    elif system == "multi_reward_rl":
+        student = TeacherRL(base, PER_TASK_REWARD, group_size=args.group_size, minibatch_size=64, **common)
+        history, seconds, _ = fit_stage(student, prompts["multitask"], prompts["eval"], steps, work, system, **fit)
+    elif system == "cascade_rl":
+        model, seconds = base, 0.0
+        for i, t in enumerate(tasks):
+            stage = TeacherRL(model, TASK_REWARDS[t], group_size=args.group_size, minibatch_size=64, **common)
+            share = steps // len(tasks) + (1 if i < steps % len(tasks) else 0)
+            history, sec, _ = fit_stage(stage, prompts[t], prompts["eval"], share, work, f"cascade_{i}_{t}", **fit)
+            model, seconds = str(work / f"cascade_{i}_{t}" / "model"), seconds + sec
+    else:
+        raise ValueError(f"unknown system {system!r}")
+    part = {"rewards": {t: rewards_of(history[-1])[t] for t in tasks}, "seconds": round(seconds, 1)}
+    unit_file(Path(args.work), seed, system).write_text(json.dumps(part))
+    print(f"[opd_vs_rl] seed {seed} {system}: {part['rewards']} in {seconds:.0f}s", flush=True)
+    return part
+
+
+def measure(args) -> dict:
+    prior = teachers_of(args)
+    tasks = list(prior["tasks"])
+    seeds = args.seeds if args.seeds is not None else prior.get("seeds", [0])
+    systems = list(args.systems) + [f"opd[{name}]" for name in args.ablations]
+    units = [(seed, system) for seed in seeds for system in systems]
+    if args.jobs > 1:
+        keep = ("steps", "work", "teachers", "lr", "group_size", "prompts_per_step", "num_steps", "eval_samples")
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in keep and v is not None]
+        flags += ["--opd", json.dumps(args.opd), "--ablations", json.dumps(args.ablations)] + (["--cpu"] if args.cpu else [])
+        run_jobs([[__file__, *flags, "--unit", str(s), name] for s, name in units], args.jobs,
+                 Path(args.work) / "logs_opd_vs_rl")
+        parts = {u: json.loads(unit_file(Path(args.work), *u).read_text()) for u in units}
+    else:
+        parts = {u: run_unit(args, *u) for u in units}
+    per_seed = {}
+    for seed in seeds:
+        teachers = prior["per_seed"][str(seed)]
+        rows = {"base": {t: teachers[t]["base"] for t in tasks}}
+        for t in tasks:
+            rows[f"teacher/{t}"] = {t: teachers[t]["final"], **{o: teachers[t]["others"][o] for o in tasks if o != t}}
+        rows.update({name: parts[(seed, name)]["rewards"] for name in systems})
+        per_seed[str(seed)] = rows
+    mean = seed_mean(per_seed)
+    main = {k: v for k, v in mean.items() if not k.startswith("opd[")}
+    return {"tasks": tasks, "seeds": seeds, "systems": main, "per_seed": per_seed,
+            "ablations": {k[4:-1]: {"settings": args.ablations[k[4:-1]], "rewards": v}
+                          for k, v in mean.items() if k.startswith("opd[")},
+            "opd_settings": args.opd, "student_updates": args.steps or (40 if args.cpu else 300),
+            "wall_seconds": {name: round(sum(parts[(s, name)]["seconds"] for s in seeds) / len(seeds), 1)
+                             for name in systems},
+            "eval_samples_per_prompt": args.eval_samples}
+
+
 def main(argv=None):
     args = parse(argv)
+    if args.unit:
+        run_unit(args, int(args.unit[0]), args.unit[1])
+        return
     if not args.docs_only:
         write_results("opd_vs_rl", measure(args), args.out)
     write_docs(args.out)
 
 
-def measure(args) -> dict:
-    steps = args.steps or (40 if args.cpu else 300)
-    work = Path(args.work)
-    teachers_file = Path(args.teachers)
-    if teachers_file.is_file():
-        prior = json.loads(teachers_file.read_text())["figures"]
-    if not teachers_file.is_file() or not all(Path(t["model"]).is_dir() for t in prior["tasks"].values()):
-        prior = teacher_rl.train_teachers(teacher_rl.parse((["--cpu"] if args.cpu else []) + ["--work", args.work]))
-    tasks = list(prior["tasks"])
-    base = prior["base_model"]
-    prompts = split_prompts(work, tasks)
-    common = dict(num_steps=args.num_steps, lr=args.lr)
-    systems, seconds = {"base": {t: prior["tasks"][t]["base"] for t in tasks}}, {}
-    for t in tasks:
-        systems[f"teacher/{t}"] = {t: prior["tasks"][t]["final"], **prior["tasks"][t]["others"]}
-
-    opd = OPDStudent(base, {t: prior["tasks"][t]["model"] for t in tasks}, rollouts_per_prompt=args.group_size,
-                     minibatch_size=64, **common)
-    history, seconds["opd"], _ = fit_stage(opd, prompts["multitask"], prompts["eval"], steps, work, "opd",
-                                           args.prompts_per_step, progress=not args.cpu)
-    systems["opd"] = rewards_of(history[-1])
-
-    multi = TeacherRL(base, MULTI_REWARD, group_size=args.group_size, minibatch_size=64, **common)
-    history, seconds["multi_reward_rl"], _ = fit_stage(multi, prompts["multitask"], prompts["eval"], steps, work,
-                                                       "multi_reward_rl", args.prompts_per_step, progress=not args.cpu)
-    systems["multi_reward_rl"] = rewards_of(history[-1])
-
-    model, seconds["cascade_rl"] = base, 0.0
-    for i, t in enumerate(tasks):
-        stage = TeacherRL(model, TASK_REWARDS[t], group_size=args.group_size, minibatch_size=64, **common)
-        share = steps // len(tasks) + (1 if i < steps % len(tasks) else 0)
-        history, sec, _ = fit_stage(stage, prompts[t], prompts["eval"], share, work, f"cascade_{i}_{t}",
-                                    args.prompts_per_step, progress=not args.cpu)
-        model, seconds["cascade_rl"] = str(work / f"cascade_{i}_{t}" / "model"), seconds["cascade_rl"] + sec
-    systems["cascade_rl"] = rewards_of(history[-1])
-
-    for name in systems:
-        systems[name] = {t: systems[name][t] for t in tasks}
-    return {"tasks": tasks, "systems": systems, "student_updates": steps,
-            "wall_seconds": {k: round(v, 1) for k, v in seconds.items()}}
+def kept(systems: dict, name: str, task: str) -> float:
+    gain = systems[f"teacher/{task}"][task] - systems["base"][task]
+    return (systems[name][task] - systems["base"][task]) / max(gain, 1e-12)
 
 
 def write_docs(results: str) -> None:
     figures = json.loads(Path(results).read_text())["figures"]
-    tasks, systems = figures["tasks"], figures["systems"]
+    tasks, systems, seeds = figures["tasks"], figures["systems"], figures.get("seeds", [0])
     plot_bars(systems, tasks, "docs/opd_vs_rl.png", ylabel="reward on held-out prompts")
-    kept = lambda s, t: (systems[s][t] - systems["base"][t]) / max(systems[f"teacher/{t}"][t] - systems["base"][t], 1e-12)  # noqa: E731
-    rows = [[s] + [f"{systems[s][t]:.3f}" for t in tasks] + [f"{sum(systems[s].values()) / len(tasks):.3f}"]
-            + [", ".join(f"{kept(s, t):.0%}" for t in tasks) if not s.startswith("teacher") and s != "base" else ""]
-            for s in systems]
+    students = [s for s in systems if s != "base" and not s.startswith("teacher/")]
+    rows = []
+    for s in systems:
+        row = [s] + [f"{systems[s][t]:.3f}" for t in tasks] + [f"{sum(systems[s][t] for t in tasks) / len(tasks):.3f}"]
+        if s in students:
+            per = ["/".join(f"{kept(figures['per_seed'][str(k)], s, t):.0%}" for k in seeds) for t in tasks] \
+                if "per_seed" in figures else []
+            row.append(", ".join(f"{kept(systems, s, t):.0%}" for t in tasks) + (f" (per seed: {'; '.join(per)})" if per else ""))
+        else:
+            row.append("")
+        rows.append(row)
+    for name, ablation in figures.get("ablations", {}).items():
+        r = ablation["rewards"]
+        rows.append([f"opd [{name}: {json.dumps(ablation['settings'])}]"] + [f"{r[t]:.3f}" for t in tasks]
+                    + [f"{sum(r[t] for t in tasks) / len(tasks):.3f}"]
+                    + [", ".join(f"{kept({**systems, name: r}, name, t):.0%}" for t in tasks)])
     update_docs_table("opd_vs_rl", ["system", *tasks, "mean", "teacher gain kept"], rows, results,
-                      note=f"{figures['student_updates']} optimiser steps per student; rewards on held-out prompts. "
-                      + figures.get("note", ""))
+                      note=f"Mean over seeds {seeds}; {figures['student_updates']} optimiser steps per student; "
+                           f"rewards on held-out prompts ({figures.get('eval_samples_per_prompt', 2)} samples each). "
+                           f"OPD settings: `{json.dumps(figures.get('opd_settings', {}))}`. " + figures.get("note", ""))
 
 
 if __name__ == "__main__":

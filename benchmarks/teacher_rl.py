@@ -1,8 +1,12 @@
-"""TeacherRL on the three embedded tasks: reward before and after, every other task's reward (reward
-hacking stays visible), reward curves, images/s; saves the three teachers for benchmarks/opd_vs_rl.py.
+"""TeacherRL on the embedded tasks, one teacher per task and seed: reward before and after on held-out
+prompts, every other task's reward (a teacher is strong on its task and weak off it; reward hacking stays
+visible), reward curves, images/s. Saves the teachers for benchmarks/opd_vs_rl.py.
 
-    python benchmarks/teacher_rl.py                 # GPU (the figures in docs/benchmarks.md)
-    python benchmarks/teacher_rl.py --cpu           # the shorter CPU variant
+    python benchmarks/teacher_rl.py --seeds 0 1 2 --jobs 9     # GPU: every (seed, task) in parallel
+    python benchmarks/teacher_rl.py --cpu                     # the short CPU variant, seed 0
+
+Each (seed, task) is a subprocess (``--unit SEED TASK``) writing a part under ``--work``; the parent
+merges them into ``benchmarks/results/teacher_rl.json`` (the mean over seeds, and ``per_seed``).
 """
 from __future__ import annotations
 
@@ -12,9 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_curves, update_docs_table, write_results  # noqa: E402
+from common import plot_curves, run_jobs, seed_mean, update_docs_table, write_results  # noqa: E402
 
-from lit_distill.methods import TeacherRL  # noqa: E402
 from lit_distill.pipeline import TASK_REWARDS, ensure_embedded_base, fit_stage, split_prompts  # noqa: E402
 
 
@@ -22,66 +25,111 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="short CPU variant")
     p.add_argument("--steps", type=int, help="optimiser steps per teacher (default 300 GPU, 40 CPU)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--jobs", type=int, default=1, help="units run at once (each a process)")
     p.add_argument("--work", default="runs/bench", help="where teachers, prompts and logs go")
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--pretrain-steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--num-steps", type=int, default=10)
+    p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out prompt at each evaluation")
     p.add_argument("--tasks", nargs="+", default=list(TASK_REWARDS))
+    p.add_argument("--unit", nargs=2, metavar=("SEED", "TASK"), help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results/teacher_rl.json")
     p.add_argument("--docs-only", action="store_true", help="measure nothing: rebuild figures and table from --out")
     return p.parse_args(argv)
 
 
-def train_teachers(args) -> dict:
+def unit_file(work: Path, seed: int, task: str) -> Path:
+    return work / f"seed{seed}" / f"teacher_{task}.json"
+
+
+def train_teacher(args, seed: int, task: str) -> dict:
+    """Fit one teacher; returns (and writes) its part."""
+    from lit_distill.methods import TeacherRL
+
     steps = args.steps or (40 if args.cpu else 300)
     work = Path(args.work)
-    base = ensure_embedded_base(cache_dir=args.cache_dir, **({"max_steps": args.pretrain_steps} if args.pretrain_steps else {}))
-    prompts = split_prompts(work, args.tasks)
-    results, ips = {}, []
-    for task in args.tasks:
-        module = TeacherRL(str(base), TASK_REWARDS[task], num_steps=args.num_steps, group_size=args.group_size,
-                           lr=args.lr, minibatch_size=64)
-        history, seconds, images_per_s = fit_stage(module, prompts[task], prompts["eval"], steps, work,
-                                                   f"teacher_{task}", args.prompts_per_step,
-                                                   every_n_steps=max(1, steps // 6), progress=not args.cpu)
-        results[task] = {
-            "base": history[0][task], "final": history[-1][task], "max": module.reward.max_value,
+    base = ensure_embedded_base(cache_dir=args.cache_dir)
+    prompts = split_prompts(work / f"seed{seed}" / task, list(TASK_REWARDS))
+    module = TeacherRL(str(base), TASK_REWARDS[task], num_steps=args.num_steps, group_size=args.group_size,
+                       lr=args.lr, minibatch_size=64, seed=seed)
+    history, seconds, images_per_s = fit_stage(module, prompts[task], prompts["eval"], steps, work / f"seed{seed}",
+                                               f"teacher_{task}", args.prompts_per_step,
+                                               every_n_steps=max(1, steps // 6), progress=False,
+                                               samples_per_prompt=args.eval_samples, seed=seed)
+    part = {"base": history[0][task], "final": history[-1][task], "max": module.reward.max_value,
             "steps": history[-1]["step"], "wall_seconds": round(seconds, 1),
             "others": {t: history[-1][t] for t in history[-1] if t not in (task, "step", "reward")},
             "others_base": {t: history[0][t] for t in history[0] if t not in (task, "step", "reward")},
             "curve": [[h["step"], h[task]] for h in history], "images_per_s": round(images_per_s, 1),
-            "model": str(work / f"teacher_{task}" / "model"),
-        }
-        ips.append(images_per_s)
-        print(f"[teacher_rl] {task}: {results[task]['base']:.3f} -> {results[task]['final']:.3f} "
-              f"(max {results[task]['max']}) in {seconds:.0f}s")
-    return {"tasks": results, "images_per_s": round(sum(ips) / len(ips), 1), "base_model": str(base),
+            "model": str(work / f"seed{seed}" / f"teacher_{task}" / "model"), "base_model": str(base),
             "eval_prompts": str(prompts["eval"])}
+    unit_file(work, seed, task).write_text(json.dumps(part))
+    print(f"[teacher_rl] seed {seed} {task}: {part['base']:.3f} -> {part['final']:.3f} (max {part['max']}) "
+          f"in {seconds:.0f}s", flush=True)
+    return part
+
+
+def train_teachers(args) -> dict:
+    """Every (seed, task), in ``args.jobs`` processes; the merged figures."""
+    work = Path(args.work)
+    ensure_embedded_base(cache_dir=args.cache_dir)  # once, before the units share it
+    units = [(seed, task) for seed in args.seeds for task in args.tasks]
+    if args.jobs > 1:
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                 if k in ("steps", "work", "cache_dir", "lr", "group_size", "prompts_per_step", "num_steps",
+                          "eval_samples") and v is not None]
+        run_jobs([[__file__, *flags, *(["--cpu"] if args.cpu else []), "--unit", str(s), t] for s, t in units],
+                 args.jobs, work / "logs_teacher_rl")
+        parts = {(s, t): json.loads(unit_file(work, s, t).read_text()) for s, t in units}
+    else:
+        parts = {(s, t): train_teacher(args, s, t) for s, t in units}
+    per_seed = {str(s): {t: parts[(s, t)] for t in args.tasks} for s in args.seeds}
+    tasks = seed_mean({s: {t: {k: v for k, v in r.items() if k not in ("model", "base_model", "eval_prompts")}
+                           for t, r in tasks.items()} for s, tasks in per_seed.items()})
+    first = parts[units[0]]
+    return {"tasks": tasks, "seeds": list(args.seeds), "per_seed": per_seed,
+            "images_per_s": round(sum(p["images_per_s"] for p in parts.values()) / len(parts), 1),
+            "models": {s: {t: r["model"] for t, r in tasks_.items()} for s, tasks_ in per_seed.items()},
+            "base_model": first["base_model"], "eval_prompts": first["eval_prompts"],
+            "eval_samples_per_prompt": args.eval_samples, "parallel_jobs": args.jobs}
 
 
 def main(argv=None):
     args = parse(argv)
+    if args.unit:
+        train_teacher(args, int(args.unit[0]), args.unit[1])
+        return
     if not args.docs_only:
         write_results("teacher_rl", train_teachers(args), args.out)
     write_docs(args.out)
 
 
+def headroom(r: dict) -> float:
+    top = r["final"] if r["max"] is None else r["max"]
+    return (r["final"] - r["base"]) / max(top - r["base"], 1e-12)
+
+
 def write_docs(results: str) -> None:
     figures = json.loads(Path(results).read_text())["figures"]
+    seeds = figures.get("seeds", [0])
     for task, r in figures["tasks"].items():
         plot_curves({task: r["curve"]}, f"docs/teacher_rl_{task}.png", xlabel="optimiser step",
                     ylabel=f"{task} reward (held-out prompts)", hline=r["max"])
-    rows = [[t, f"{r['base']:.3f}", f"{r['final']:.3f}", f"{r['max']:.3f}" if r["max"] is not None else "-",
-             f"{(r['final'] - r['base']) / max((r['final'] if r['max'] is None else r['max']) - r['base'], 1e-12):.0%}",
-             r["steps"],
-             f"{r['wall_seconds']:.0f}", ", ".join(f"{k} {v:.3f}" for k, v in r["others"].items())]
-            for t, r in figures["tasks"].items()]
-    update_docs_table("teacher_rl", ["task", "base", "final", "max", "headroom gained", "steps", "seconds",
-                                     "other tasks (final)"], rows, results,
-                      note="Rewards on held-out prompts (2 samples each, fixed seeds, 20-step ODE sampler).")
+    rows = []
+    for t, r in figures["tasks"].items():
+        per = [headroom(figures["per_seed"][str(s)][t]) for s in seeds] if "per_seed" in figures else []
+        rows.append([t, f"{r['base']:.3f}", f"{r['final']:.3f}", f"{r['max']:.3f}" if r["max"] is not None else "-",
+                     f"{headroom(r):.0%}" + (f" ({', '.join(f'{v:.0%}' for v in per)})" if per else ""),
+                     r["steps"], f"{r['wall_seconds']:.0f}", ", ".join(f"{k} {v:.3f}" for k, v in r["others"].items()),
+                     ", ".join(f"{k} {v:.3f}" for k, v in r.get("others_base", {}).items())])
+    update_docs_table("teacher_rl", ["task", "base", "final", "max", "headroom gained (per seed)", "steps", "seconds",
+                                     "other tasks (teacher)", "other tasks (base)"], rows, results,
+                      note=f"Mean over seeds {seeds}. Rewards on held-out prompts "
+                           f"({figures.get('eval_samples_per_prompt', 2)} samples each, fixed seeds, 20-step ODE "
+                           "sampler). A teacher is trained on its task's prompts only.")
 
 
 if __name__ == "__main__":
