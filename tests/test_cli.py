@@ -10,13 +10,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = '{resolution: 8, block_channels: [16, 32], text_hidden: 32}'
 
 
-def test_pretrain_config_runs_two_steps_and_exports(tmp_path):
+def test_pretrain_config_runs_two_steps_and_exports(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config's checkpoints go to runs/ under the working directory
     out = tmp_path / "model"
     main(["fit", "--config", str(ROOT / "configs/pretrain/digits.yaml"), "--trainer.max_steps", "2",
           "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "1", "--trainer.logger", "false",
           f"--trainer.default_root_dir={tmp_path}", f"--model.model_kwargs={TINY}", "--data.resolution", "8",
           f"--trainer.callbacks.dirpath={out}"])
     assert (out / "model_index.json").is_file() and (out / "unet").is_dir()
+    assert (tmp_path / "runs/pretrain_digits/checkpoints/last.ckpt").is_file()
 
 
 OVERLAYS = {  # configs applied on top of another one (a second --config)
