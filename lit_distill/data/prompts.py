@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_distill.data.embedded import PROMPTS_DIR, embedded_prompt_sets, split_indices
 from lit_distill.data.loader import ResumableDataLoader
+from lit_distill.utils.resume import changed_settings, log_changes
 
 PROMPT_EXTENSIONS = (".txt", ".csv", ".jsonl")
 
@@ -232,6 +233,19 @@ class PromptDataModule(L.LightningDataModule):
         """Sorted tasks of the training rows (after filtering); calls ``setup()`` if needed."""
         self.setup()
         return tasks_in(self.train_rows)
+
+    def settings(self) -> dict[str, Any]:
+        """The arguments that decide which prompts come in which batches (compared when a run resumes)."""
+        return dict(train=self.train, val=self.val, batch_size=self.batch_size, tasks=self.tasks, shuffle=self.shuffle,
+                    seed=self.seed, repeat=self.repeat, val_fraction=self.val_fraction, default_task=self.default_task)
+
+    def state_dict(self) -> dict:
+        return {"settings": self.settings()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Log the settings that changed since the checkpoint; they take effect (the loader keeps the position
+        in samples, or restarts the epoch when the order changed)."""
+        log_changes(changed_settings(state.get("settings", {}), self.settings()), "the prompts (PromptDataModule)")
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
