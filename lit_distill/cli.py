@@ -30,6 +30,19 @@ class DistillCLI(LightningCLI):
         when ``--ckpt_path`` is a file, which silently undid changed settings; the methods instead compare them on
         resume and log each change or refuse it (``DistillModule.on_load_checkpoint``)."""
 
+    def instantiate_classes(self) -> None:
+        """Raise a class's own error (it names the field and the fix) instead of jsonargparse's "Does not validate
+        against any of the Union subtypes" wrapper, which buries it in a dump of every argument."""
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            cause = e.__cause__
+            while isinstance(cause, ValueError) and "Union subtypes" in str(cause) and cause.__cause__ is not None:
+                cause = cause.__cause__
+            if "Union subtypes" not in str(e) or cause is None:
+                raise
+            raise cause from cause.__cause__
+
 
 def usage_error(message: str) -> None:
     sys.stderr.write(f"lit-distill: error: {message}\n")
@@ -108,7 +121,9 @@ def main(args: list[str] | None = None) -> None:
         return
     argv = import_user_modules(argv)
     check_config_files(argv)
-    DistillCLI(args=argv)
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv[1:] = argv
+    DistillCLI(args=None if args is None else argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from ..diffusion.schedules import SamplingGrid
 from ..models.diffusion_model import DiffusionModel
 from ..models.lora import add_lora
 from ..models.sources import load_model
-from .base import DistillModule
+from .base import DistillModule, check_at_least_one
 
 
 def repeat_rows(batch: dict[str, Any], times: int) -> dict[str, Any]:
@@ -54,6 +54,7 @@ class OnPolicyModule(DistillModule):
                  noise_level: float, sde_steps: Optional[Sequence[int]], guidance_scale: float,
                  eval_steps: int, seed: int, **base: Any):
         super().__init__(**base)
+        check_at_least_one(num_steps=num_steps, eval_steps=eval_steps)
         self.model: DiffusionModel = load_model(model, **(model_kwargs or {}))
         self.model.requires_grad_(False)
         if lora_rank > 0:
