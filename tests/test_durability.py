@@ -258,3 +258,50 @@ def test_sigterm_saves_exits_for_requeue_and_ckpt_path_last_continues_exactly(tm
     assert a["global_step"] == b["global_step"] == 6
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_saves_follow_the_step_and_time_rules(tmp_path, monkeypatch):
+    import lit_distill.callbacks.checkpoint as checkpoint
+
+    class Recorded(DurableCheckpoint):
+        def _save_last(self, trainer):
+            self.saved_at = getattr(self, "saved_at", []) + [trainer.global_step]
+            super()._save_last(trainer)
+
+    by_steps = Recorded(tmp_path / "steps", every_n_train_steps=2, every_n_minutes=None)
+    fit(tiny_rl(), 3, [by_steps])
+    assert by_steps.saved_at == [2, 3]  # every 2 steps, and when training ends
+    clock = iter(range(0, 10**12, 61))  # each reading of the clock is 61 s later
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: next(clock))
+    by_minutes = Recorded(tmp_path / "minutes", every_n_train_steps=None, every_n_minutes=1)
+    fit(tiny_rl(), 3, [by_minutes])
+    assert by_minutes.saved_at == [1, 2, 3, 3]  # every minute; the end-of-training save finds step 3 saved
+    assert read_checkpoint(tmp_path / "minutes" / "last.ckpt")["global_step"] == 3
+
+
+def test_sigterm_during_validation_saves_from_on_exception_and_resumes_exactly(tmp_path):
+    from lit_distill.data import ImageDataModule
+    from lit_distill.methods import DiffusionPretrain
+
+    class SigtermInValidation(L.Callback):
+        def on_validation_batch_start(self, trainer, *args):
+            if trainer.global_step == 3:  # after this step's on_train_batch_end check: on_exception must save
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def run(directory, callbacks=(), ckpt_path=None):
+        torch.manual_seed(0)
+        module = DiffusionPretrain("embedded", {**TINY, "seed": 0}, lr=1e-3)
+        trainer = L.Trainer(max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            val_check_interval=1, limit_val_batches=2, num_sanity_val_steps=0,
+                            callbacks=[DurableCheckpoint(directory, every_n_minutes=None), *callbacks])
+        trainer.fit(module, ImageDataModule("embedded:digits", resolution=8, batch_size=16), ckpt_path=ckpt_path)
+        return module
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path / "preempted", [SigtermInValidation()])
+    assert exit_info.value.code == 143
+    assert read_checkpoint(tmp_path / "preempted" / "last.ckpt")["global_step"] == 3
+    resumed = run(tmp_path / "preempted", ckpt_path=tmp_path / "preempted" / "last.ckpt")
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))

@@ -92,7 +92,8 @@ def read_checkpoint(path: str | Path, role: str = "checkpoint") -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch reports truncation as RuntimeError, EOFError, UnpicklingError, ...
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        first_line = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
         raise ValueError(
             f"{role}={str(path)!r} cannot be read as a checkpoint ({path.stat().st_size} bytes; {first_line}). It is "
             "truncated or corrupt, e.g. cut off by a full disk or a killed copy. Use an earlier checkpoint; "
