@@ -73,7 +73,7 @@ def test_truncated_checkpoints_are_named_as_model_teacher_and_ckpt_path(tmp_path
     truncated = tmp_path / "cut.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(10_000)}}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:20_000])  # a save cut off by a full disk
-    with pytest.raises(ValueError, match=r"model='.*cut\.ckpt' cannot be read as a checkpoint \(20000 bytes; .*truncated"):
+    with pytest.raises(ValueError, match=r"model='.*cut\.ckpt' cannot be read as a checkpoint \(20000 bytes; .*trunc"):
         TeacherRL(str(truncated), "brightness")
     with pytest.raises(ValueError, match=r"teachers\['ink'\]: model='.*cut\.ckpt' cannot be read"):
         OPDStudent("embedded", {"ink": str(truncated)}, TINY)

@@ -160,22 +160,22 @@ def test_a_new_batch_size_keeps_the_data_position_in_samples(tmp_path):
     from lit_distill.data.prompts import write_prompt_file
 
     prompts = write_prompt_file(tmp_path / "p.jsonl", [{"prompt": f"p{i}", "task": "t"} for i in range(10)])
-    data = lambda batch_size, seed=0: PromptDataModule(str(prompts), batch_size=batch_size, val_fraction=0, seed=seed)  # noqa: E731
 
     def run(batch_size, max_steps, ckpt_path=None, seed=0):  # last.ckpt saved at the end of every batch
         module = Recorder()
         trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                             callbacks=[DurableCheckpoint(tmp_path, every_n_train_steps=1)])
-        trainer.fit(module, data(batch_size, seed), ckpt_path=ckpt_path)
+        data = PromptDataModule(str(prompts), batch_size=batch_size, val_fraction=0, seed=seed)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
         return module.seen
 
     first = run(2, 2)  # 4 of the 10 samples of epoch 0
     with pytest.warns(UserWarning, match="batch_size: 2 -> 4"):
         rest = run(4, 5, tmp_path / "last.ckpt")
-    epoch_0 = [f"p{i}" for i in torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()]
-    epoch_1 = [f"p{i}" for i in torch.randperm(10, generator=torch.Generator().manual_seed(1)).tolist()]
+    order = lambda seed: [f"p{i}" for i in torch.randperm(10, generator=torch.Generator().manual_seed(seed))]  # noqa: E731
+    epoch_0, epoch_1 = order(0), order(1)
     # every sample of epoch 0 exactly once (4 + 4 + 2), then epoch 1 from its start, counted as epoch 1
     assert first + rest == [(0, epoch_0[:2]), (0, epoch_0[2:4]), (0, epoch_0[4:8]), (0, epoch_0[8:]), (1, epoch_1[:4])]
     with pytest.warns(UserWarning, match="data order changed.*restarts from its first sample"):
         again = run(4, 6, tmp_path / "last.ckpt", seed=5)
-    assert again == [(1, [f"p{i}" for i in torch.randperm(10, generator=torch.Generator().manual_seed(6))[:4].tolist()])]
+    assert again == [(1, order(5 + 1)[:4])]  # epoch 1 of seed 5, from its start

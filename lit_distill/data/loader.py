@@ -66,7 +66,8 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def _order(self) -> dict:
-        return {"dataset_size": self.permutation.size, "seed": self.permutation.seed, "shuffle": self.permutation.shuffle}
+        order = self.permutation
+        return {"dataset_size": order.size, "seed": order.seed, "shuffle": order.shuffle}
 
     def state_dict(self) -> dict:
         return {"epoch": self.permutation.epoch, "samples_in_epoch": self.samples_in_epoch,

@@ -106,8 +106,8 @@ def check_extra_fields(rows: Sequence[dict], lines: Sequence[int], path: Path) -
                 value = row[field]
                 hint = f"; write {value} without quotes" if isinstance(value, str) and _csv_value(value) is not value \
                     else ""
-                raise ValueError(f"{path}:{line}: field {field!r} is {kind(value)} ({value!r}) but {kind(rows[j][field])}"
-                                 f" at line {lines[j]}; use one kind of value throughout{hint}")
+                raise ValueError(f"{path}:{line}: field {field!r} is {kind(value)} ({value!r}) but "
+                                 f"{kind(rows[j][field])} at line {lines[j]}; use one kind of value throughout{hint}")
 
 
 def write_prompt_file(path: str | Path, rows: Sequence[dict]) -> Path:

@@ -134,7 +134,8 @@ class DisBackStudent(OneStepModule):
     def _record_checkpoint(self) -> None:
         state = _cpu_state(self.fake_score.net)
         if self.checkpoint_dir is None:  # a name unique to this content: written once next to each checkpoint dir
-            self.path.append(side_file(f"disback_degradation_{len(self.path) + 1:03d}_{uuid.uuid4().hex[:12]}.pt", state))
+            name = f"disback_degradation_{len(self.path) + 1:03d}_{uuid.uuid4().hex[:12]}.pt"
+            self.path.append(side_file(name, state))
             return
         file = self.checkpoint_dir / f"degradation_{len(self.path) + 1:03d}.pt"
         if self.trainer.is_global_zero:

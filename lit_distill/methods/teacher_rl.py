@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..data.prompts import collate_prompts
 from ..diffusion import gaussian_kl, gaussian_log_prob
 from ..losses import RunningNormalizer, group_advantages, ppo_clip_loss
 from ..models.lora import lora_disabled
@@ -97,8 +98,6 @@ class TeacherRL(OnPolicyModule):
         """Score blank images for the first prompt row of each task before any rollout, so that a reward that cannot
         use the prompt set (a metadata field missing or of the wrong type, a task without a reward) fails at once,
         naming the row, instead of after the first rollout."""
-        from ..data.prompts import collate_prompts
-
         sample = list({row["task"]: row for row in reversed(list(rows))}.values())
         batch = collate_prompts(sample)
         with torch.no_grad():
