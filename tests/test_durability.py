@@ -127,16 +127,18 @@ KILLED_SAVE = textwrap.dedent('''
 def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_last_ckpt_loadable(tmp_path):
     script, ckpts, hanging = tmp_path / "train.py", tmp_path / "ckpts", tmp_path / "hanging"
     script.write_text(KILLED_SAVE)
+    log = open(tmp_path / "stderr.txt", "w")
     proc = subprocess.Popen([sys.executable, str(script), str(ckpts), str(hanging)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         deadline = time.time() + 300
         while not hanging.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        assert hanging.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no save hung"
+        assert hanging.exists(), (tmp_path / "stderr.txt").read_text()[-2000:]
     finally:
         proc.kill()
         proc.wait()
+        log.close()
     last = ckpts / "last.ckpt"
     assert len(temporary_files_of(last)) == 1  # the half-written file never took last.ckpt's name
     assert read_checkpoint(last)["global_step"] == 2
@@ -235,24 +237,27 @@ def test_sigterm_saves_exits_for_requeue_and_ckpt_path_last_continues_exactly(tm
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("SIGTERM_AT_STEP", None)
 
-    def cli(workdir, *extra, **extra_env):
+    def cli(workdir, *extra, **extra_env):  # returns the process and a function that reads its stderr
         workdir.mkdir(exist_ok=True)
         command = [sys.executable, "-m", "lit_distill.cli", "--import", "sigterm_at", "fit", "--config",
                    str(tmp_path / "run.yaml"), *extra]
-        return subprocess.Popen(command, cwd=workdir, env={**env, "PYTHONPATH": f"{ROOT}:{tmp_path}", **extra_env},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log = workdir / f"stderr{len(extra)}.txt"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(command, cwd=workdir, env={**env, "PYTHONPATH": f"{ROOT}:{tmp_path}", **extra_env},
+                                    stdout=subprocess.DEVNULL, stderr=f)
+        return proc, log.read_text
 
-    straight, preempted = cli(tmp_path / "straight"), cli(tmp_path / "preempted", SIGTERM_AT_STEP="3")
-    errors = preempted.communicate(timeout=400)[1]
-    assert preempted.returncode == 143, errors[-3000:]
+    (straight, straight_log), (preempted, errors) = cli(tmp_path / "straight"), cli(tmp_path / "preempted",
+                                                                                   SIGTERM_AT_STEP="3")
+    preempted.wait(timeout=400)
+    assert preempted.returncode == 143, errors()[-3000:]
     last = tmp_path / "preempted" / "ckpts" / "last.ckpt"
     assert read_checkpoint(last)["global_step"] == 4  # the step running when SIGTERM came was finished and saved
-    assert "exiting with code 143" in errors
-    resumed = cli(tmp_path / "preempted", "--ckpt_path", "last")
-    errors = resumed.communicate(timeout=400)[1]
-    assert resumed.returncode == 0, errors[-3000:]
-    assert "Restoring states from the checkpoint path at" in errors
-    assert straight.wait(timeout=400) == 0, straight.stderr.read()[-3000:]
+    assert "exiting with code 143" in errors()
+    resumed, errors = cli(tmp_path / "preempted", "--ckpt_path", "last")
+    assert resumed.wait(timeout=400) == 0, errors()[-3000:]
+    assert "Restoring states from the checkpoint path at" in errors()
+    assert straight.wait(timeout=400) == 0, straight_log()[-3000:]
     a = read_checkpoint(tmp_path / "straight" / "ckpts" / "last.ckpt")
     b = read_checkpoint(last)
     assert a["global_step"] == b["global_step"] == 6

@@ -48,7 +48,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not is_local(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         path = Path(str(path).removeprefix("file://"))
-        return resolve_side_files(read_checkpoint(path, "ckpt_path"), path.parent)
+        # onto the CPU (Lightning moves the restored states to the module's device)
+        checkpoint = read_checkpoint(path, "ckpt_path", weights_only=bool(weights_only))
+        return resolve_side_files(checkpoint, path.parent)
 
 
 def install_atomic_io(trainer: L.Trainer) -> None:

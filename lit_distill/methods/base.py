@@ -161,7 +161,7 @@ class DistillModule(L.LightningModule):
         changes = changed_settings(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
         refuse_changes(changes, self.fixed_on_resume, what)
         saved_keys, keys = set(checkpoint.get("state_dict", {})), set(self.state_dict())
-        if saved_keys != keys:
+        if saved_keys and saved_keys != keys:  # (a sharded checkpoint loads its weights in place: no "state_dict")
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()) or "none"
             raise ValueError(
                 f"cannot resume {what}: the checkpoint's weights do not fit this run's networks (missing "

@@ -83,14 +83,14 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path, role: str = "checkpoint") -> dict:
+def read_checkpoint(path: str | Path, role: str = "checkpoint", weights_only: bool = False) -> dict:
     """``torch.load`` a checkpoint file onto the CPU. ``role`` names where the path was given (``"ckpt_path"``,
     ``"model"``, ``"teachers['brightness']"``) for the error, raised for a missing, truncated or foreign file."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{role}={str(path)!r}: no such checkpoint file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # torch reports truncation as RuntimeError, EOFError, UnpicklingError, ...
         text = str(e).strip()
         first_line = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
