@@ -150,7 +150,8 @@ class DurableCheckpoint(ModelCheckpoint):
             self.preempted = True
         # SIGTERMException is a SystemExit with code None (exit status 0, "done"): make the process exit non-zero
         exception.code = self.requeue_exit_code
-        rank_zero_info(f"SIGTERM: saved {self.last_path} at global step {trainer.global_step}; exiting with code "
+        saved = f"saved {self.last_path}" if trainer.global_step > 0 else "no step finished, nothing to save"
+        rank_zero_info(f"SIGTERM at global step {trainer.global_step}: {saved}; exiting with code "
                        f"{self.requeue_exit_code} so that the job is requeued. Resume with --ckpt_path last.")
 
     def state_dict(self) -> dict:
