@@ -1,11 +1,15 @@
 """``lit-distill``: the LightningCLI entry point.
 
 ``lit-distill fit --config configs/teacher_rl/brightness.yaml`` (any subcommand of LightningCLI), and
-``lit-distill quickstart`` for the whole embedded pipeline.
+``lit-distill quickstart`` for the whole embedded pipeline. ``--import MODULE`` (repeatable) imports a module
+of yours first, e.g. one whose ``@register_reward("my_reward")`` classes a config then names.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -21,6 +25,92 @@ class DistillCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """The given config is the run. LightningCLI's default replaces the model's settings by the checkpoint's
+        when ``--ckpt_path`` is a file, which silently undid changed settings; the methods instead compare them on
+        resume and log each change or refuse it (``DistillModule.on_load_checkpoint``)."""
+
+    def instantiate_classes(self) -> None:
+        """Raise a class's own error (it names the field and the fix) instead of jsonargparse's "Does not validate
+        against any of the Union subtypes" wrapper, which buries it in a dump of every argument."""
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            cause = e.__cause__
+            while isinstance(cause, ValueError) and "Union subtypes" in str(cause) and cause.__cause__ is not None:
+                cause = cause.__cause__
+            if "Union subtypes" not in str(e) or cause is None:
+                raise
+            raise cause from cause.__cause__
+
+
+def usage_error(message: str) -> None:
+    sys.stderr.write(f"lit-distill: error: {message}\n")
+    raise SystemExit(2)
+
+
+def import_user_modules(argv: list[str]) -> list[str]:
+    """Import the modules named by ``--import MODULE`` / ``--import path/to/file.py`` (the current directory is
+    on the import path, as for ``python -m``); returns ``argv`` without those options."""
+    rest, names = [], []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--import":
+            names.append(next(it, None) or usage_error("--import needs a module name, e.g. --import my_rewards"))
+        elif arg.startswith("--import="):
+            names.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    if names and "" not in sys.path:
+        sys.path.insert(0, "")
+    for name in names:
+        if name.endswith(".py"):
+            path = Path(name)
+            if not path.is_file():
+                usage_error(f"--import {name}: no such file")
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module
+            spec.loader.exec_module(module)
+            continue
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name and not name.startswith(f"{e.name}."):
+                raise  # the module exists but imports something missing: show where
+            usage_error(f"--import {name}: no module named {e.name!r}; run lit-distill from the directory that holds "
+                        "it, add its directory to PYTHONPATH, pip install it, or give the path of the .py file")
+    return rest
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Name the file and line of an empty or unparsable ``--config`` YAML, and point at a tab, before
+    LightningCLI reports it without the file name."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg in ("--config", "-c") and i + 1 < len(argv) else \
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if value is None or not Path(value).is_file():
+            continue  # not a config option, or inline YAML / a missing file: LightningCLI reports those
+        text = Path(value).read_text(encoding="utf-8-sig")
+        try:
+            content = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else None
+            where = f"{value}:{line}:{mark.column + 1}" if mark is not None else value
+            tab = "\t" in text.splitlines()[line - 1] if line else "\t" in text
+            hint = (" YAML does not allow tab characters for indentation: replace the tab with spaces" if tab
+                    else " fix the syntax at that line")
+            usage_error(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e});{hint}")
+        if content is None:
+            usage_error(f"--config {value}: the file is empty (or only comments); give a config with trainer:, "
+                        "model: and data: sections, e.g. one of configs/")
+        if not isinstance(content, dict):
+            usage_error(f"--config {value}: expected a mapping of settings (trainer:, model:, data:), got a "
+                        f"{type(content).__name__}")
+
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
@@ -29,7 +119,11 @@ def main(args: list[str] | None = None) -> None:
 
         quickstart_main(argv[1:])
         return
-    DistillCLI(args=args)  # None: LightningCLI reads sys.argv itself
+    argv = import_user_modules(argv)
+    check_config_files(argv)
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv[1:] = argv
+    DistillCLI(args=None if args is None else argv)
 
 
 if __name__ == "__main__":

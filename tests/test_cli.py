@@ -1,4 +1,6 @@
 """Configs are parsed and run by LightningCLI, as a user runs them."""
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,18 +12,20 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = '{resolution: 8, block_channels: [16, 32], text_hidden: 32}'
 
 
-def test_pretrain_config_runs_two_steps_and_exports(tmp_path):
+def test_pretrain_config_runs_two_steps_and_exports(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config's checkpoints go to runs/ under the working directory
     out = tmp_path / "model"
     main(["fit", "--config", str(ROOT / "configs/pretrain/digits.yaml"), "--trainer.max_steps", "2",
           "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "1", "--trainer.logger", "false",
           f"--trainer.default_root_dir={tmp_path}", f"--model.model_kwargs={TINY}", "--data.resolution", "8",
           f"--trainer.callbacks.dirpath={out}"])
     assert (out / "model_index.json").is_file() and (out / "unet").is_dir()
+    assert (tmp_path / "runs/pretrain_digits/checkpoints/last.ckpt").is_file()
 
 
 OVERLAYS = {  # configs applied on top of another one (a second --config)
-    "multi_reward_rl.yaml": "teacher_rl/correctness.yaml", "cascade_1.yaml": "teacher_rl/correctness.yaml",
-    "cascade_2.yaml": "teacher_rl/brightness.yaml", "cascade_3.yaml": "teacher_rl/compress.yaml",
+    "multi_reward_rl.yaml": "teacher_rl/brightness.yaml", "cascade_1.yaml": "teacher_rl/brightness.yaml",
+    "cascade_2.yaml": "teacher_rl/compress.yaml", "cascade_3.yaml": "teacher_rl/slant.yaml",
 }
 
 
@@ -51,3 +55,64 @@ def test_type_error_in_config_value_names_the_field(capsys):
         main(["fit", "--config", str(ROOT / "configs/pretrain/digits.yaml"), "--model.init_args.lr", "fast"])
     assert exit_info.value.code != 0
     assert "lr" in capsys.readouterr().err
+
+
+def test_empty_yaml_and_a_tab_in_yaml_name_the_file(tmp_path, capsys):
+    empty, tabbed = tmp_path / "empty.yaml", tmp_path / "tabbed.yaml"
+    empty.write_text("# nothing yet\n")
+    tabbed.write_text("trainer:\n  max_steps: 2\n\tdevices: 1\n")
+    for config, message in [(empty, f"--config {empty}: the file is empty"),
+                            (tabbed, f"{tabbed}:3:1: not valid YAML .*tab characters for indentation")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(config)])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err), message
+
+
+RUN = """
+trainer: {max_steps: 1, accelerator: cpu, logger: false, enable_checkpointing: false, enable_progress_bar: false,
+          enable_model_summary: false, limit_val_batches: 0}
+model:
+  class_path: lit_distill.methods.TeacherRL
+  init_args: {model: embedded, model_kwargs: {resolution: 8, block_channels: [16, 32], text_hidden: 32},
+              num_steps: 2, group_size: 2, minibatch_size: 64, eval_steps: 2}
+data:
+  class_path: lit_distill.data.PromptDataModule
+  init_args: {train: "embedded:digits_brightness", batch_size: 1}
+"""
+
+MY_REWARD = """
+import torch
+from lit_distill.rewards import Reward, register_reward
+
+@register_reward("{name}")
+class Darkness(Reward):
+    calls = 0
+
+    def forward(self, images, prompts, tasks, **metadata):
+        type(self).calls += 1
+        return -images.mean(dim=(1, 2, 3))
+"""
+
+
+def test_import_registers_a_users_reward_for_the_cli(tmp_path, monkeypatch):
+    module, name = f"rewards_{tmp_path.name}", f"darkness_{tmp_path.name}"  # unique: the registry is global
+    (tmp_path / f"{module}.py").write_text(MY_REWARD.replace("{name}", name))
+    (tmp_path / "run.yaml").write_text(RUN)
+    monkeypatch.chdir(tmp_path)
+    run = ["fit", "--config", "run.yaml", "--model.init_args.reward", name]
+    with pytest.raises(ValueError, match=f"unknown reward name '{name}'.*--import your_module"):
+        main(run)  # named, not buried in jsonargparse's "Union subtypes" dump
+    main(["--import", module, *run])
+    assert sys.modules[module].Darkness.calls >= 2  # the check before the first rollout, then training
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--import", "no_such_module_here", *run])
+    assert exit_info.value.code == 2
+
+
+def test_truncated_checkpoint_as_model_is_named_through_the_cli(tmp_path):
+    (tmp_path / "run.yaml").write_text(RUN)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    with pytest.raises(ValueError, match=r"^model='.*cut\.ckpt' cannot be read as a checkpoint"):
+        main(["fit", "--config", str(tmp_path / "run.yaml"), "--model.init_args.model", str(cut)])

@@ -259,6 +259,42 @@ def test_prompt_file_errors(tmp_path):
         read_prompt_file("embedded:nope")
 
 
+def test_prompt_file_encodings_and_line_breaks(tmp_path):
+    utf16 = tmp_path / "utf16.csv"  # Excel's "Unicode text": UTF-16 with a byte-order mark
+    utf16.write_bytes("prompt,task,digit\r\na caf\u00e9 seven,t,7\r\n".encode("utf-16"))
+    assert read_prompt_file(utf16) == [{"prompt": "a caf\u00e9 seven", "task": "t", "digit": 7}]
+    cp1252 = tmp_path / "cp1252.csv"
+    cp1252.write_bytes("prompt,task\nfine,t\na caf\u00e9 seven,t\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"cp1252\.csv:3: not UTF-8 text \(byte 0xe9.*save the file as UTF-8.*iconv"):
+        read_prompt_file(cp1252)
+    no_bom = tmp_path / "no_bom.txt"
+    no_bom.write_bytes("a seven\n".encode("utf-16-le"))
+    with pytest.raises(ValueError, match=r"no_bom\.txt:1: the file contains NUL bytes \(UTF-16 without a byte-order"):
+        read_prompt_file(no_bom, default_task="t")
+    jl = tmp_path / "separators.jsonl"  # U+2028 and U+0085 are line breaks to str.splitlines, not to JSONL
+    jl.write_text(json.dumps({"prompt": "a seven\u2028in ink", "task": "t"}, ensure_ascii=False) + "\r\n"
+                  + json.dumps({"prompt": "a one\u0085twice", "task": "t"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [r["prompt"] for r in read_prompt_file(jl)] == ["a seven\u2028in ink", "a one\u0085twice"]
+    csv_path = tmp_path / "separators.csv"
+    csv_path.write_text("prompt,task\na seven\u2028in ink,t\n", encoding="utf-8")
+    assert read_prompt_file(csv_path)[0]["prompt"] == "a seven\u2028in ink"
+
+
+def test_extra_fields_are_given_in_every_row_of_a_task_with_one_kind_of_value(tmp_path):
+    jl = tmp_path / "digits.jsonl"
+    write = lambda *rows: jl.write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
+    write({"prompt": "a seven", "task": "c", "digit": 7}, {"prompt": "a one", "task": "c", "digit": "1"})
+    with pytest.raises(ValueError, match=r"digits\.jsonl:2: field 'digit' is a string \('1'\) but a number at line 1; "
+                                         r"use one kind of value throughout; write 1 without quotes"):
+        read_prompt_file(jl)
+    write({"prompt": "a seven", "task": "c", "digit": 7}, {"prompt": "a one", "task": "c"})
+    with pytest.raises(ValueError, match=r"digits\.jsonl:2: field 'digit' is missing, but line 1 gives it for task "
+                                         r"'c'; give 'digit' in every row of that task"):
+        read_prompt_file(jl)
+    write({"prompt": "a seven", "task": "c", "digit": 7}, {"prompt": "a bold one", "task": "ink"})  # per task: fine
+    assert len(read_prompt_file(jl)) == 2
+
+
 def test_collate_keeps_extra_fields():
     rows = [{"prompt": "a", "task": "t", "digit": 7, "w": 1, "tag": "x", "ok": True},
             {"prompt": "b", "task": "u", "digit": 2, "w": 0.5, "tag": "y", "ok": False, "only": 3}]
@@ -283,7 +319,7 @@ def test_prompt_datamodule_filters_and_splits(tmp_path):
     again = PromptDataModule("embedded:digits_multitask", batch_size=5, tasks=["brightness", "compress"])
     assert next(iter(again.train_dataloader()))["prompt"] == batch["prompt"]  # seeded shuffle
     with pytest.raises(ValueError, match="tasks"):
-        PromptDataModule("embedded:digits_correctness", tasks=["brightnes"]).setup()
+        PromptDataModule("embedded:digits_slant", tasks=["brightnes"]).setup()
     txt = tmp_path / "p.txt"
     txt.write_text("one\ntwo\nthree\n")
     rep = PromptDataModule(str(txt), val=str(txt), default_task="caption", repeat=4, batch_size=4, shuffle=False)

@@ -4,8 +4,10 @@ import lightning as L
 import pytest
 import torch
 
+from lit_distill.callbacks import DurableCheckpoint
 from lit_distill.data import ImageDataModule
 from lit_distill.methods import DiffusionPretrain, OPDStudent, TeacherRL
+from lit_distill.methods.base import DistillModule
 from lit_distill.models.builders import build_embedded_model
 
 TINY = {"resolution": 8, "block_channels": (16, 32), "text_hidden": 32}
@@ -77,3 +79,103 @@ def test_checkpoint_of_another_method_is_refused(tmp_path):
     rl = TeacherRL("embedded", "brightness", TINY, num_steps=4, group_size=4, minibatch_size=16, eval_steps=4)
     with pytest.raises(ValueError, match="written by method 'pretrain' but this run is 'teacher_rl'"):
         fit(rl, prompt_loader(), 2, ckpt_path=tmp_path / "pretrain.ckpt")
+
+
+# -- resuming with changed settings: each change is logged and takes effect, or is refused ----------------------
+CONFIG = """
+seed_everything: 0
+trainer:
+  max_steps: 2
+  accelerator: cpu
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  limit_val_batches: 0
+  callbacks:
+    - class_path: lit_distill.callbacks.DurableCheckpoint
+      init_args: {dirpath: ckpts, every_n_train_steps: 1}
+model:
+  class_path: lit_distill.methods.TeacherRL
+  init_args:
+    model: embedded
+    model_kwargs: {resolution: 8, block_channels: [16, 32], text_hidden: 32}
+    reward: {name: brightness, target: 0.6}
+    num_steps: 4
+    group_size: 2
+    minibatch_size: 64
+    eval_steps: 4
+    lr: 0.001
+data:
+  class_path: lit_distill.data.PromptDataModule
+  init_args: {train: "embedded:digits_multitask", batch_size: 2, repeat: 50}
+"""
+
+
+def test_resume_logs_every_changed_setting_applies_it_or_refuses_it_with_the_fix(tmp_path, monkeypatch):
+    from lit_distill.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text(CONFIG)
+    main(["fit", "--config", "run.yaml"])
+    resume = ["fit", "--config", "run.yaml", "--ckpt_path", str(tmp_path / "ckpts/last.ckpt")]
+    with pytest.raises(ValueError, match=r"cannot resume TeacherRL from global step 2 with lora_rank=4: the checkpoint "
+                                         r"was written with lora_rank=0.*Fix: set lora_rank back to 0"):
+        main(resume + ["--model.init_args.lora_rank", "4"])
+    with pytest.raises(ValueError, match=r"weights do not fit.*missing \['reference\..*kl_weight: 0.0 -> 0.1"):
+        main(resume + ["--model.init_args.kl_weight", "0.1"])  # a reference copy the checkpoint does not have
+    with pytest.warns(UserWarning) as warned:
+        main(resume + ["--model.init_args.group_size", "4", "--model.init_args.lr", "0.0005", "--seed_everything", "1",
+                       "--trainer.max_steps", "3", "--data.init_args.batch_size", "1",
+                       "--data.init_args.tasks", "[brightness]"])
+    messages = " ".join(str(w.message) for w in warned)
+    for change in ("group_size: 2 -> 4", "lr: 0.001 -> 0.0005", "seed_everything: '0' -> '1'", "max_steps: 2 -> 3",
+                   "batch_size: 2 -> 1", "tasks: None -> ['brightness']"):
+        assert change in messages, change
+    last = torch.load(tmp_path / "ckpts/last.ckpt", weights_only=False)
+    assert last["global_step"] == 3 and last["hyper_parameters"]["group_size"] == 4
+    assert last["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0005  # not the checkpoint's 0.001
+
+
+class Recorder(DistillModule):
+    """Records the prompts of each step; one optimiser step per batch."""
+
+    method = "recorder"
+
+    def __init__(self):
+        super().__init__(lr=0.1)
+        self.automatic_optimization = False
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.current_epoch, list(batch["prompt"])))
+        self.apply_update(self.optimizers(), (self.w ** 2).sum(), "loss", None)
+
+    def configure_optimizers(self):
+        return self.make_optimizer([self.w])
+
+
+def test_a_new_batch_size_keeps_the_data_position_in_samples(tmp_path):
+    from lit_distill.data import PromptDataModule
+    from lit_distill.data.prompts import write_prompt_file
+
+    prompts = write_prompt_file(tmp_path / "p.jsonl", [{"prompt": f"p{i}", "task": "t"} for i in range(10)])
+
+    def run(batch_size, max_steps, ckpt_path=None, seed=0):  # last.ckpt saved at the end of every batch
+        module = Recorder()
+        trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[DurableCheckpoint(tmp_path, every_n_train_steps=1)])
+        data = PromptDataModule(str(prompts), batch_size=batch_size, val_fraction=0, seed=seed)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return module.seen
+
+    first = run(2, 2)  # 4 of the 10 samples of epoch 0
+    with pytest.warns(UserWarning, match="batch_size: 2 -> 4"):
+        rest = run(4, 5, tmp_path / "last.ckpt")
+    order = lambda seed: [f"p{i}" for i in torch.randperm(10, generator=torch.Generator().manual_seed(seed))]  # noqa: E731
+    epoch_0, epoch_1 = order(0), order(1)
+    # every sample of epoch 0 exactly once (4 + 4 + 2), then epoch 1 from its start, counted as epoch 1
+    assert first + rest == [(0, epoch_0[:2]), (0, epoch_0[2:4]), (0, epoch_0[4:8]), (0, epoch_0[8:]), (1, epoch_1[:4])]
+    with pytest.warns(UserWarning, match="data order changed.*restarts from its first sample"):
+        again = run(4, 6, tmp_path / "last.ckpt", seed=5)
+    assert again == [(1, order(5 + 1)[:4])]  # epoch 1 of seed 5, from its start

@@ -25,6 +25,7 @@ from lit_distill.data.embedded import (
     split_indices,
 )
 from lit_distill.data.loader import ResumableDataLoader
+from lit_distill.utils.resume import changed_settings, log_changes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _HF_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
@@ -293,6 +294,18 @@ class ImageDataModule(L.LightningDataModule):
         # order = f(seed, epoch), resumable mid-epoch (see ResumableDataLoader)
         return ResumableDataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, seed=self.seed,
                                    num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def settings(self) -> dict[str, Any]:
+        """The arguments that decide which images come in which batches (compared when a run resumes)."""
+        return dict(source=self.source, resolution=self.resolution, channels=self.channels, batch_size=self.batch_size,
+                    val_fraction=self.val_fraction, seed=self.seed, repeat=self.repeat)
+
+    def state_dict(self) -> dict:
+        return {"settings": self.settings()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Log the settings that changed since the checkpoint; they take effect (see ``ResumableDataLoader``)."""
+        log_changes(changed_settings(state.get("settings", {}), self.settings()), "the images (ImageDataModule)")
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

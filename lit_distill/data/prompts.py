@@ -5,7 +5,9 @@ A row is ``{"prompt": str, "task": str, **extra}``; a batch is ``{"prompt": list
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_distill.data.embedded import PROMPTS_DIR, embedded_prompt_sets, split_indices
 from lit_distill.data.loader import ResumableDataLoader
+from lit_distill.utils.resume import changed_settings, log_changes
 
 PROMPT_EXTENSIONS = (".txt", ".csv", ".jsonl")
 
@@ -56,6 +59,57 @@ def _check_row(row: dict, path: Path, lineno: int, default_task: str | None) -> 
     return {**row, "prompt": prompt.strip(), "task": str(task).strip()}
 
 
+def read_text(path: Path) -> str:
+    """The text of a prompt file: UTF-8 (with or without a byte-order mark) or UTF-16 with one. Anything else
+    raises a ``ValueError`` naming the file, the line and the fix."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    if b"\0" in data:
+        line = data[:data.index(b"\0")].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: the file contains NUL bytes (UTF-16 without a byte-order mark?); save it as "
+                         "UTF-8 (or UTF-16 with a BOM)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}; saved as Windows-1252/Latin-1?); "
+                         f"save the file as UTF-8, e.g. iconv -f cp1252 -t utf-8 {path.name} > utf8_{path.name}") from e
+
+
+def text_lines(text: str) -> list[str]:
+    """Lines split at ``\n`` only (a ``\r`` before it dropped): ``str.splitlines`` would also split at U+2028,
+    U+0085 and other characters that may sit inside a JSON string or a prompt."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
+def check_extra_fields(rows: Sequence[dict], lines: Sequence[int], path: Path) -> None:
+    """An extra field (e.g. ``digit``) given in some rows of a task must be given in every row of that task (a
+    reward of that task receives it for the whole batch), with one kind of value (numbers, strings, booleans)
+    in all rows. Raises a ``ValueError`` naming the file, line and field."""
+    def kind(v: Any) -> str:
+        return "a boolean" if isinstance(v, bool) else "a number" if isinstance(v, (int, float)) else \
+            "a string" if isinstance(v, str) else "null" if v is None else f"a {type(v).__name__}"
+
+    first: dict[tuple, int] = {}  # (field,) and (field, task) -> index of the first row that gives it
+    for i, row in enumerate(rows):
+        for field in row:
+            if field not in ("prompt", "task"):
+                first.setdefault((field,), i)
+                first.setdefault((field, row["task"]), i)
+    for i, (row, line) in enumerate(zip(rows, lines)):
+        for (field, *task), j in first.items():
+            if task and task[0] == row["task"] and field not in row:
+                raise ValueError(f"{path}:{line}: field {field!r} is missing, but line {lines[j]} gives it for task "
+                                 f"{row['task']!r}; give {field!r} in every row of that task (or in none)")
+            if not task and field in row and kind(row[field]) != kind(rows[j][field]):
+                value = row[field]
+                hint = f"; write {value} without quotes" if isinstance(value, str) and _csv_value(value) is not value \
+                    else ""
+                raise ValueError(f"{path}:{line}: field {field!r} is {kind(value)} ({value!r}) but "
+                                 f"{kind(rows[j][field])} at line {lines[j]}; use one kind of value throughout{hint}")
+
+
 def write_prompt_file(path: str | Path, rows: Sequence[dict]) -> Path:
     """Write ``rows`` (``{"prompt", "task", **extra}``) as a ``.jsonl`` prompt set that ``read_prompt_file``
     reads back; returns the path."""
@@ -72,8 +126,11 @@ def read_prompt_file(path: str | Path, default_task: str | None = None) -> list[
       gets ``default_task``. ``.csv``: a header with ``prompt`` and (unless ``default_task``) ``task``;
       other columns are extras, numbers parsed. ``.jsonl``: one JSON object per line.
     ``path`` may also be ``"embedded:NAME"`` for a shipped set (``embedded_prompt_sets()``).
-    Raises ``FileNotFoundError``, or ``ValueError`` naming the file, line and field, for an empty file,
-    a row without ``prompt``, a row without ``task`` when no ``default_task`` is given, or an unknown extension.
+    Text is UTF-8 (or UTF-16 with a byte-order mark); lines end at ``\n`` only. Extra fields must be given in
+    every row or none, with one kind of value (``check_extra_fields``).
+    Raises ``FileNotFoundError``, or ``ValueError`` naming the file, line and field, for an empty file, text that is
+    not UTF-8, a row without ``prompt``, a row without ``task`` when no ``default_task`` is given, an extra field
+    missing or of another kind in some rows, or an unknown extension.
     """
     path = resolve_prompt_source(str(path))
     ext = path.suffix.lower()
@@ -81,16 +138,18 @@ def read_prompt_file(path: str | Path, default_task: str | None = None) -> list[
         raise ValueError(f"{path}: unknown prompt file extension {ext!r}; use one of {list(PROMPT_EXTENSIONS)}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prompt file not found")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     rows: list[dict] = []
+    lines: list[int] = []
     if ext == ".txt":
         if default_task is None:
             raise ValueError(f"{path}:1: field 'task': a .txt prompt file has no task column; pass default_task=")
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text_lines(text), 1):
             if line.strip() and not line.lstrip().startswith("#"):
                 rows.append(_check_row({"prompt": line}, path, lineno, default_task))
+                lines.append(lineno)
     elif ext == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text_lines(text), 1):
             if not line.strip():
                 continue
             try:
@@ -101,8 +160,9 @@ def read_prompt_file(path: str | Path, default_task: str | None = None) -> list[
                 raise ValueError(f"{path}:{lineno}: each line must be a JSON object like "
                                  '{"prompt": "...", "task": "..."}')
             rows.append(_check_row(row, path, lineno, default_task))
+            lines.append(lineno)
     else:
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         if reader.fieldnames is not None and "prompt" not in reader.fieldnames:
             raise ValueError(f"{path}:1: field 'prompt': the CSV header {reader.fieldnames} has no 'prompt' column")
         for row in reader:
@@ -112,8 +172,10 @@ def read_prompt_file(path: str | Path, default_task: str | None = None) -> list[
                      if k and k not in ("prompt", "task") and v not in (None, "")}
             clean = {"prompt": row.get("prompt"), "task": row.get("task") or None, **extra}
             rows.append(_check_row(clean, path, reader.line_num, default_task))
+            lines.append(reader.line_num)
     if not rows:
         raise ValueError(f"{path}:1: the prompt file is empty (no rows with a 'prompt'); add at least one prompt")
+    check_extra_fields(rows, lines, path)
     return rows
 
 
@@ -232,6 +294,19 @@ class PromptDataModule(L.LightningDataModule):
         """Sorted tasks of the training rows (after filtering); calls ``setup()`` if needed."""
         self.setup()
         return tasks_in(self.train_rows)
+
+    def settings(self) -> dict[str, Any]:
+        """The arguments that decide which prompts come in which batches (compared when a run resumes)."""
+        return dict(train=self.train, val=self.val, batch_size=self.batch_size, tasks=self.tasks, shuffle=self.shuffle,
+                    seed=self.seed, repeat=self.repeat, val_fraction=self.val_fraction, default_task=self.default_task)
+
+    def state_dict(self) -> dict:
+        return {"settings": self.settings()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Log the settings that changed since the checkpoint; they take effect (the loader keeps the position
+        in samples, or restarts the epoch when the order changed)."""
+        log_changes(changed_settings(state.get("settings", {}), self.settings()), "the prompts (PromptDataModule)")
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ..utils.resume import align_batch_count, changed_settings, log_changes, refuse_changes, run_settings
+
 NanPolicy = Literal["raise", "skip"]
 
 
@@ -28,6 +30,18 @@ class DistillModule(L.LightningModule):
     """
 
     method: ClassVar[str] = "base"
+    #: settings that a run resumed from a checkpoint cannot change, and why (any other change takes effect and is
+    #: logged; see ``lit_distill.utils.resume``). Names absent from a method's arguments are ignored.
+    fixed_on_resume: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("model", "model_kwargs", "teacher", "teacher_kwargs"),
+                        "the trained networks were built from it and now come from the checkpoint, so a change "
+                        "would be ignored"),
+        **dict.fromkeys(("generator_init", "classifier_init"), "the networks were initialised when the run started"),
+        **dict.fromkeys(("lora_rank", "feature_layer", "head_channels", "reference", "reference_dtype", "advantage"),
+                        "the checkpoint's weights (or its reference copy, or running reward statistics) were "
+                        "built for that value"),
+        **dict.fromkeys(("backtracking", "num_checkpoints"), "the recorded degradation path depends on it"),
+    }
 
     def __init__(self, *, lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  nan_policy: NanPolicy = "raise", compile: bool = False, gradient_checkpointing: bool = False):
@@ -127,6 +141,8 @@ class DistillModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lit_distill_method"] = self.method
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+        if self._trainer is not None:
+            checkpoint["run_settings"] = run_settings(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         found = checkpoint.get("lit_distill_method")
@@ -135,13 +151,51 @@ class DistillModule(L.LightningModule):
                 f"checkpoint was written by method {found!r} but this run is {self.method!r} "
                 f"({type(self).__name__}); pass a checkpoint of the same method to --ckpt_path, or load "
                 "its weights into a new run explicitly (e.g. the model path of the new method).")
+        self.check_resumed_settings(checkpoint)
         self.nonfinite_skipped = checkpoint.get("nonfinite_skipped", 0)
+
+    def check_resumed_settings(self, checkpoint: dict) -> None:
+        """Compare this run's settings (``hparams``, the trainer's ``run_settings``) with the checkpoint's: refuse a
+        change listed in ``fixed_on_resume`` or one that changes the networks' structure, log every other change."""
+        what = f"{type(self).__name__} from global step {checkpoint.get('global_step')}"
+        changes = changed_settings(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
+        refuse_changes(changes, self.fixed_on_resume, what)
+        saved_keys, keys = set(checkpoint.get("state_dict", {})), set(self.state_dict())
+        if saved_keys and saved_keys != keys:  # (a sharded checkpoint loads its weights in place: no "state_dict")
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()) or "none"
+            raise ValueError(
+                f"cannot resume {what}: the checkpoint's weights do not fit this run's networks (missing "
+                f"{sorted(keys - saved_keys)[:3]}, unexpected {sorted(saved_keys - keys)[:3]}; changed settings: "
+                f"{listed}). Fix: resume with the checkpoint's settings, or start a new run without --ckpt_path.")
+        if self._trainer is not None and "run_settings" in checkpoint:
+            changes.update(changed_settings(checkpoint["run_settings"], run_settings(self.trainer)))
+        log_changes(changes, what)
+
+    def on_train_start(self) -> None:
+        """On a resumed run, the configured optimiser settings (lr, betas, weight decay, eps: compared and logged by
+        :meth:`check_resumed_settings`) replace those restored with the optimiser state, unless a scheduler owns
+        them; and Lightning's count of batches follows the data position (``align_batch_count``)."""
+        if self.trainer.ckpt_path is None:
+            return
+        if not self.trainer.lr_scheduler_configs:
+            for optimizer in self.trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group.update({k: optimizer.defaults[k] for k in ("lr", "betas", "weight_decay", "eps")
+                                  if k in group and k in optimizer.defaults})
+        align_batch_count(self.trainer)
 
 
 def module_args(**kwargs) -> list[str]:
     """Names of the arguments given as ``nn.Module`` objects (a model or reward passed in Python rather
     than by name): they are kept out of ``hparams`` and checkpoints' hyper-parameters."""
     return [name for name, value in kwargs.items() if isinstance(value, nn.Module)]
+
+
+def check_at_least_one(**values: int) -> None:
+    """Raise a ValueError naming the first argument that is not an integer >= 1 (a count)."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} must be an integer >= 1")
 
 
 def check_positive(**values: float) -> None:

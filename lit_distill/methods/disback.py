@@ -18,8 +18,7 @@ starts from the teacher.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +29,7 @@ from ..diffusion import expand_like, guided_prediction
 from ..losses.denoising import denoising_loss
 from ..losses.score_distillation import score_distillation_from_predictions
 from ..models.diffusion_model import DiffusionModel
+from ..utils.checkpoint_files import atomic_save, missing_side_files, side_file, side_file_state
 from .one_step import OneStepModule, trainable_copy
 
 SWITCH_RULES = ("fixed", "plateau")
@@ -55,8 +55,9 @@ class DisBackStudent(OneStepModule):
             :meth:`should_advance`.
         plateau_patience, plateau_tol: the plateau rule compares the mean mismatch of the last ``patience``
             generator updates with that of the ``patience`` before; less than ``tol`` relative improvement advances.
-        checkpoint_dir: keep the path's checkpoints as files there (default: in memory, inside the Lightning
-            checkpoint).
+        checkpoint_dir: keep the path's checkpoints as files there. Default: in memory, and saved once per
+            checkpoint directory as side files next to the Lightning checkpoints, which reference them
+            (``DurableCheckpoint``; a plain ``torch.save`` of the checkpoint keeps them inside it).
         guidance_scale: classifier-free guidance of the real score (1: none).
         normalize: DMD's ``1 / mean|x0 - x0_real|`` normalisation of the gradient (as DisBack's code).
     """
@@ -91,9 +92,9 @@ class DisBackStudent(OneStepModule):
         self.prepare_network(self.fake_score.net)
         # the current backtracking target; None means the teacher itself
         self.real_score = self.teacher.copy_frozen() if backtracking else None
-        self.path: list = []  # c_1..c_N: state dicts (CPU) or file paths
+        self.path: list = []  # c_1..c_N: side-file entries (CPU state dicts or their files) or file paths
         self.recording_losses: list[float] = []  # the DSM loss of every fake-score update of the recording
-        self.candidates: list = []  # (update, state dict or file) kept every degradation_interval updates
+        self.candidates: list = []  # [update, entry like path's] kept every degradation_interval updates
         self.stage = 0 if backtracking else 1
         self.stage_steps = 0  # updates in the current stage (fake-score updates in stage 0, generator updates after)
         self.mismatch_history: list[float] = []
@@ -132,9 +133,7 @@ class DisBackStudent(OneStepModule):
         if index == 0:
             state = self.teacher.net.state_dict()
         else:
-            entry = self.path[index - 1]
-            on_disk = isinstance(entry, (str, Path))
-            state = torch.load(entry, map_location="cpu", weights_only=True) if on_disk else entry
+            state = side_file_state(self.path[index - 1])
         self.real_score.net.load_state_dict(state)
         self.weights_changed()
 
@@ -187,18 +186,15 @@ class DisBackStudent(OneStepModule):
     def _keep_candidate(self) -> None:
         state = _cpu_state(self.fake_score.net)
         update = len(self.recording_losses)
-        if self.checkpoint_dir is None:
-            self.candidates.append((update, state))
+        if self.checkpoint_dir is None:  # a name unique to this content: written once next to each checkpoint dir
+            name = f"disback_degradation_{update:06d}_{uuid.uuid4().hex[:12]}.pt"
+            self.candidates.append([update, side_file(name, state)])
             return
         file = self.checkpoint_dir / f"degradation_{update:06d}.pt"
         if self.trainer.is_global_zero:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-            os.replace(tmp, file)
+            atomic_save(state, file)
         self.trainer.strategy.barrier("disback_checkpoint")
-        self.candidates.append((update, str(file)))
+        self.candidates.append([update, str(file)])
 
     def _finish_recording(self) -> None:
         """Keep the chosen candidates as the path ``c_1 .. c_N`` and start backtracking."""
@@ -271,7 +267,7 @@ class DisBackStudent(OneStepModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["disback"] = {"stage": self.stage, "stage_steps": self.stage_steps, "path": list(self.path),
-                                 "recording_losses": list(self.recording_losses), "candidates": list(self.candidates),
+                                 "recording_losses": list(self.recording_losses), "candidates": [list(c) for c in self.candidates],
                                  "mismatch_history": list(self.mismatch_history),
                                  "num_checkpoints": self.num_checkpoints, "backtracking": self.backtracking}
 
@@ -284,12 +280,12 @@ class DisBackStudent(OneStepModule):
             raise ValueError(f"checkpoint has num_checkpoints={state['num_checkpoints']}, backtracking="
                              f"{state['backtracking']}; this run has {self.num_checkpoints}, {self.backtracking}: "
                              "resume with the same settings")
-        missing = [p for p in state["path"] if isinstance(p, str) and not Path(p).is_file()]
+        missing = missing_side_files(state["path"])
         if missing:
-            raise FileNotFoundError(f"degradation checkpoints {missing} (checkpoint_dir) are missing: restore them "
-                                    "or restart the run")
+            raise FileNotFoundError(f"the recorded degradation path's files {missing} are missing: restore them (they "
+                                    "live next to the checkpoint, or in checkpoint_dir) or restart the run")
         self.stage, self.stage_steps = int(state["stage"]), int(state["stage_steps"])
         self.path, self.mismatch_history = list(state["path"]), list(state["mismatch_history"])
         self.recording_losses = list(state.get("recording_losses", []))
-        self.candidates = [tuple(c) for c in state.get("candidates", [])]
+        self.candidates = [list(c) for c in state.get("candidates", [])]
         # real_score's weights (the current target) come back with the module's state dict

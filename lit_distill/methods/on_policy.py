@@ -16,7 +16,7 @@ from ..diffusion.schedules import SamplingGrid
 from ..models.diffusion_model import DiffusionModel
 from ..models.lora import add_lora
 from ..models.sources import load_model
-from .base import DistillModule
+from .base import DistillModule, check_at_least_one
 
 
 def repeat_rows(batch: dict[str, Any], times: int) -> dict[str, Any]:
@@ -57,6 +57,7 @@ class OnPolicyModule(DistillModule):
                  noise_level: float, sde_steps: Optional[Sequence[int]], guidance_scale: float,
                  eval_steps: int, seed: int, timestep_fraction: float = 1.0, **base: Any):
         super().__init__(**base)
+        check_at_least_one(num_steps=num_steps, eval_steps=eval_steps)
         if not 0 < timestep_fraction <= 1 or int(num_steps * timestep_fraction) < 1:
             raise ValueError(f"timestep_fraction={timestep_fraction}: need 0 < timestep_fraction <= 1 with at least "
                              f"one of the num_steps={num_steps} steps trained (int(num_steps * timestep_fraction) >= 1)")

@@ -11,7 +11,7 @@ from ..diffusion import Trajectory
 from ..losses import per_step_kl
 from ..models.diffusion_model import DiffusionModel
 from ..models.sources import load_model
-from .base import module_args
+from .base import check_at_least_one, module_args
 from .on_policy import OnPolicyModule
 
 
@@ -71,6 +71,7 @@ class OPDStudent(OnPolicyModule):
         self.save_hyperparameters(ignore=module_args(model=model) + (
             ["teachers"] if any(not isinstance(t, str) for t in (teachers or {}).values()) else []))
         self.automatic_optimization = False
+        check_at_least_one(rollouts_per_prompt=rollouts_per_prompt, minibatch_size=minibatch_size)
         if not teachers:
             raise ValueError("teachers is empty: give {task: model source} for every task of the prompt set")
         if step_weighting not in STEP_WEIGHTINGS:
@@ -82,7 +83,10 @@ class OPDStudent(OnPolicyModule):
         # a plain dict, not a ModuleDict: teachers stay out of checkpoints and optimisers
         self.teachers: dict[str, DiffusionModel] = {}
         for name, source in teachers.items():
-            teacher = load_model(source).copy_frozen(dtype)
+            try:
+                teacher = load_model(source).copy_frozen(dtype)
+            except (ValueError, FileNotFoundError) as e:  # name the teacher: the same error fits every source
+                raise type(e)(f"teachers[{name!r}]: {e}") from e
             check_compatible(self.model, teacher, name)
             self.teachers[name] = teacher
         unknown = sorted(set(teacher_guidance or {}) - set(self.teachers))

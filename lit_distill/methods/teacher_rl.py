@@ -7,11 +7,12 @@ from typing import Any, Literal, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..data.prompts import collate_prompts
 from ..diffusion import gaussian_kl, gaussian_log_prob
 from ..losses import RunningNormalizer, group_advantages, ppo_clip_loss
 from ..models.lora import lora_disabled
-from ..rewards import build_reward, validate_rewards
-from .base import module_args
+from ..rewards import NonFiniteRewardError, build_reward, validate_rewards
+from .base import check_at_least_one, module_args
 from .on_policy import OnPolicyModule, metadata_of, repeat_rows
 
 
@@ -57,6 +58,7 @@ class TeacherRL(OnPolicyModule):
                          gradient_checkpointing=gradient_checkpointing)
         self.save_hyperparameters(ignore=module_args(model=model, reward=reward))
         self.automatic_optimization = False
+        check_at_least_one(group_size=group_size, inner_epochs=inner_epochs, minibatch_size=minibatch_size)
         if advantage not in ("group", "running"):
             raise ValueError(f"advantage={advantage!r}: choose 'group' (GRPO) or 'running' (DDPO)")
         if advantage == "group" and group_size < 2:
@@ -82,9 +84,38 @@ class TeacherRL(OnPolicyModule):
 
     # -- seams ----------------------------------------------------------------------------------
     def compute_rewards(self, images: Tensor, batch: dict) -> Tensor:
-        """Rewards ``[B]`` of decoded images ``[B, C, H, W]`` in [-1, 1] for a (repeated) prompt batch."""
-        values = self.reward(images, batch["prompt"], batch["task"], **metadata_of(batch))
-        return validate_rewards(values, images.shape[0], getattr(self.reward, "name", "reward"))
+        """Rewards ``[B]`` of decoded images ``[B, C, H, W]`` in [-1, 1] for a (repeated) prompt batch. A NaN/inf
+        score raises, or with ``nan_policy='skip'`` makes the rewards NaN so that the step is skipped and counted."""
+        try:
+            values = self.reward(images, batch["prompt"], batch["task"], **metadata_of(batch))
+            return validate_rewards(values, images.shape[0], getattr(self.reward, "name", "reward"))
+        except NonFiniteRewardError:
+            if self.nan_policy != "skip":
+                raise
+            return torch.full((images.shape[0],), float("nan"), device=images.device)
+
+    def check_reward_inputs(self, rows: Sequence[dict], source: str) -> None:
+        """Score blank images for the first prompt row of each task before any rollout, so that a reward that cannot
+        use the prompt set (a metadata field missing or of the wrong type, a task without a reward) fails at once,
+        naming the row, instead of after the first rollout."""
+        sample = list({row["task"]: row for row in reversed(list(rows))}.values())
+        batch = collate_prompts(sample)
+        with torch.no_grad():
+            images = self.model.decode(torch.zeros((len(sample),) + self.model.sample_shape, device=self.device))
+            try:
+                self.compute_rewards(images, batch)
+            except NonFiniteRewardError:
+                pass  # blank images may score NaN; real rollouts are checked at every step
+            except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+                name = getattr(self.reward, "name", "reward")
+                raise ValueError(f"reward {name!r} cannot score the prompts of {source} (checked before any rollout "
+                                 f"on one row per task, e.g. {sample[0]}): {e}") from e
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        rows = getattr(datamodule, "train_rows", None)
+        if rows:
+            self.check_reward_inputs(rows, repr(getattr(datamodule, "train", "the training prompts")))
 
     def advantages(self, rewards: Tensor) -> Tensor:
         """Group-relative (GRPO) or running-normalised (DDPO) advantages ``[B]``. The running statistics

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,23 @@ def _scheduler_config_dict(config: Any) -> dict:
 
 def _module_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
+
+
+def warn_truncated_prompts(tokenizer, prompts: list[str], max_length: int) -> None:
+    """Warn (once per prompt) about each prompt longer than ``max_length`` tokens: its tail is cut off, so the model
+    never sees it, while rewards and metadata still describe the whole prompt."""
+    fast = getattr(tokenizer, "is_fast", False)
+    encoded = tokenizer(prompts, verbose=False, return_offsets_mapping=fast)
+    for i, (prompt, ids) in enumerate(zip(prompts, encoded["input_ids"])):
+        if len(ids) <= max_length:
+            continue
+        # the first token dropped is at max_length - 1 (the last kept place holds the end-of-text token)
+        lost = prompt[encoded["offset_mapping"][i][max_length - 1][0]:] if fast else \
+            tokenizer.decode(ids[max_length - 1:], skip_special_tokens=True)
+        warnings.warn(f"prompt {prompt[:60]!r}{'...' if len(prompt) > 60 else ''} is {len(ids)} tokens long, but the "
+                      f"text encoder reads {max_length}: the rest ({lost[:80]!r}) is cut off and never seen by the "
+                      "model, while rewards still score the whole prompt and its metadata. Shorten the prompt or "
+                      "put what matters (e.g. the digit) first.", stacklevel=3)
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -145,6 +163,7 @@ class DiffusionModel(nn.Module):
     # ------------------------------------------------------------------ prompts
     def _tokens(self, tokenizer, prompts: list[str], max_length: int, device) -> Tensor:
         ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        warn_truncated_prompts(tokenizer, prompts, max_length)
         return ids.input_ids.to(device)
 
     def _text_trainable(self) -> bool:

@@ -43,11 +43,10 @@ def model_from_checkpoint(path: Path) -> DiffusionModel:
     """The trained model of a lit_distill Lightning checkpoint (TeacherRL, OPDStudent, DiffusionPretrain: the
     EMA weights where there are some; the one-step methods: the generator's network). The checkpoint's
     hyper-parameters name the source it started from, which must still be loadable."""
-    import torch
-
     from .. import methods
+    from ..utils.checkpoint_files import read_checkpoint
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(path, "model")
     method = checkpoint.get("lit_distill_method")
     classes = {cls.method: cls for cls in (methods.DiffusionPretrain, methods.TeacherRL, methods.OPDStudent,
                                            methods.DisBackStudent, methods.NoDistillOneStep)}

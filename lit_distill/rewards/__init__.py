@@ -3,6 +3,7 @@
 Build one by name or config with ``build_reward``; see ``docs/rewards.md``.
 """
 from lit_distill.rewards.base import (
+    NonFiniteRewardError,
     Reward,
     TaskRouted,
     WeightedSum,
@@ -24,6 +25,7 @@ from lit_distill.rewards.builtin import (
 from lit_distill.rewards.models import ClipScore, HPSv2, ImageReward, LaionAesthetic, PickScore, PreferenceMLP
 
 __all__ = [
+    "NonFiniteRewardError",
     "Reward",
     "validate_rewards",
     "register_reward",

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "Reward",
+    "NonFiniteRewardError",
     "validate_rewards",
     "register_reward",
     "build_reward",
@@ -68,11 +69,15 @@ class Reward(nn.Module, abc.ABC):
         return f"name={self.name!r}, max_value={self.max_value}"
 
 
+class NonFiniteRewardError(ValueError):
+    """A reward returned NaN/inf (a ``ValueError``; methods with ``nan_policy='skip'`` skip the batch instead)."""
+
+
 def validate_rewards(values: Any, batch_size: int, name: str = "reward") -> Tensor:
     """Check a reward output and return it as float32.
 
     Raises ``ValueError`` naming the reward ``name`` unless ``values`` is a tensor of shape
-    ``[batch_size]`` with finite entries.
+    ``[batch_size]``, and :class:`NonFiniteRewardError` (a ``ValueError``) if an entry is NaN/inf.
     """
     if not isinstance(values, Tensor):
         raise ValueError(
@@ -87,9 +92,10 @@ def validate_rewards(values: Any, batch_size: int, name: str = "reward") -> Tens
     bad = ~torch.isfinite(values)
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()[:8]
-        raise ValueError(
+        raise NonFiniteRewardError(
             f"reward {name!r}: returned NaN/inf at rows {rows} (of {batch_size}); check its inputs "
-            "(images must be finite and in [-1, 1]) and guard divisions/logs inside the reward"
+            "(images must be finite and in [-1, 1]) and guard divisions/logs inside the reward, or set the "
+            "method's nan_policy='skip' to skip such batches"
         )
     return values.float()
 
@@ -145,7 +151,9 @@ def build_reward(spec: RewardSpec) -> Reward:
         )
     _load_builtins()
     if name not in _REGISTRY:
-        raise ValueError(f"reward spec: unknown reward name {name!r}; registered rewards: {sorted(_REGISTRY)}")
+        raise ValueError(f"reward spec: unknown reward name {name!r}; registered rewards: {sorted(_REGISTRY)}. A reward "
+                         "of your own: register it with @register_reward and import its module first (lit-distill "
+                         "--import your_module)")
     try:
         reward = _REGISTRY[name](**kwargs)
     except TypeError as e:

@@ -217,6 +217,10 @@ class DigitCorrectness(Reward):
         """The prompted digits ``LongTensor[B]``: from ``digit`` if given, else parsed from the prompts."""
         if digit is None:
             return torch.tensor([parse_digit(p) for p in prompts], dtype=torch.long, device=device)
+        if not isinstance(digit, Tensor) and not all(isinstance(v, int) and not isinstance(v, bool) for v in digit):
+            bad = next(v for v in digit if not isinstance(v, int) or isinstance(v, bool))
+            raise ValueError(f"digit: metadata digits must be integers 0..9, got {bad!r} ({type(bad).__name__}); in a "
+                             'prompt file write "digit": 7, not "7", and give it in every row of the task')
         d = torch.as_tensor(digit, device=device).long().view(-1)
         if d.numel() and (int(d.min()) < 0 or int(d.max()) > 9):
             raise ValueError(f"digit: metadata digits must lie in 0..9, got {d.tolist()}")
