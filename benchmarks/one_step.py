@@ -133,11 +133,12 @@ def module_for(args, system: str, seed: int, updates: int):
     ablation = args.ablations.get(system)
     name = ablation["system"] if ablation else system
     cls, kwargs = SYSTEMS[name]
-    kwargs = {**kwargs, "seed": seed}
-    if name == "disback":  # the paper's share of the budget on the intermediate targets, the rest on the teacher
-        targets = kwargs.get("num_checkpoints", 4) - 1
+    kwargs = {**kwargs, "seed": seed, **args.override, **(ablation["settings"] if ablation else {})}
+    targets = kwargs.get("num_checkpoints", 4) - 1
+    if name == "disback" and targets > 0 and "iterations_per_stage" not in kwargs:
+        # the paper's share of the budget on the intermediate targets, the rest on the teacher
         kwargs["iterations_per_stage"] = max(1, round(args.intermediate_share * updates / targets))
-    return cls(str(base), **{**kwargs, **args.override, **(ablation["settings"] if ablation else {})})
+    return cls(str(base), **kwargs)
 
 
 def run_unit(args, seed: int, system: str) -> dict:

@@ -47,7 +47,7 @@ def trainer(max_steps: int, out_dir: Optional[Path] = None, callbacks=(), progre
 
 
 def ensure_embedded_base(resolution: int = 16, family: str = "flow", cache_dir: Optional[str] = None,
-                         max_steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+                         max_steps: int = 1000, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                          progress: bool = True) -> Path:
     """The pretrained embedded base model's directory, training it on the embedded digits first if it
     is not cached yet (``DiffusionPretrain`` by flow matching / DSM, EMA weights exported)."""
@@ -131,7 +131,7 @@ class QuickstartConfig:
     cache_dir: Optional[str] = None
     resolution: int = 16
     family: str = "flow"
-    pretrain_steps: int = 800
+    pretrain_steps: int = 1000
     teacher_steps: int = 150
     opd_steps: int = 150
     one_step_steps: int = 300

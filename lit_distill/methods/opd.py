@@ -57,10 +57,10 @@ class OPDStudent(OnPolicyModule):
                  model_kwargs: Optional[dict] = None, *, teacher_dtype: Optional[str] = None,
                  teacher_guidance: Optional[dict[str, float]] = None, lora_rank: int = 0,
                  num_steps: int = 10, noise_level: float = 0.7, sde_steps: Optional[Sequence[int]] = None,
-                 guidance_scale: float = 1.0, timestep_fraction: float = 1.0, eval_steps: int = 20,
+                 guidance_scale: float = 1.0, timestep_fraction: float = 0.99, eval_steps: int = 20,
                  rollouts_per_prompt: int = 1,
                  steps_per_sample: Optional[int] = None, minibatch_size: int = 64, ode_weight: float = 1.0,
-                 step_weighting: str = "kl",
+                 step_weighting: str = "mean",
                  kl_reduction: str = "sum", max_grad_norm: Optional[float] = 1.0, lr: float = 1e-5,
                  weight_decay: float = 0.0, nan_policy: str = "raise", compile: bool = False,
                  gradient_checkpointing: bool = False, seed: int = 0):
