@@ -88,7 +88,7 @@ def parse(argv=None):
                    help="DisBack: share of the generator updates spent on the intermediate targets (the paper's "
                         "released SDXL scripts: about 10%%)")
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS))
+    p.add_argument("--systems", nargs="*", default=list(SYSTEMS))
     p.add_argument("--override", type=json.loads, default={}, help="JSON of keyword arguments given to every "
                    "system's module, e.g. '{\"betas\": [0.0, 0.999]}'")
     p.add_argument("--ablations", type=json.loads, default={},
