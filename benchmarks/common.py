@@ -151,6 +151,8 @@ def seed_mean(per_seed: dict[str, dict]):
     if isinstance(first, bool) or not isinstance(first, (int, float, dict, list)):
         return first
     if isinstance(first, (int, float)):
+        if all(isinstance(v, int) and v == first for v in values):
+            return first  # a count every seed shares (e.g. steps) stays an int
         return sum(values) / len(values)
     if isinstance(first, dict):
         return {k: seed_mean({s: v[k] for s, v in per_seed.items()}) for k in first if all(k in v for v in values)}
