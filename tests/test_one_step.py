@@ -146,22 +146,24 @@ def params_distance(state, reference):
 
 
 def test_disback_stages_checkpoints_ordered_and_resumable(tmp_path, data):
-    """Stage 1 records N checkpoints in order (each further from the teacher); a run saved mid stage 1 resumes
-    with its checkpoints and stage, goes on to backtrack, and a checkpoint saved mid stage 2 restores the stage,
-    the path and the current target."""
+    """The recording keeps candidates in order (each further from the teacher); a run saved mid-recording resumes
+    with its candidates, recording losses and stage, ends the recording (here at max_recording_updates), goes on
+    to backtrack, and a checkpoint saved mid-backtracking restores the stage, the path and the current target."""
     torch.manual_seed(0)
-    kw = dict(num_checkpoints=3, degradation_interval=2, iterations_per_stage=1, lr=1e-3,
-              checkpoint_dir=str(tmp_path / "path"), seed=0)
+    kw = dict(num_checkpoints=3, degradation_interval=2, max_recording_updates=6, recording_patience=10,
+              iterations_per_stage=1, lr=1e-3, checkpoint_dir=str(tmp_path / "path"), seed=0)
     first, t1 = DisBackStudent("embedded", TINY, **kw), trainer(3)
-    t1.fit(first, data)  # 3 fake-score updates: c_1 recorded, still recording
-    assert first.stage == 0 and len(first.path) == 1 and first.generator_updates == 0
+    t1.fit(first, data)  # 3 fake-score updates: one candidate kept, still recording
+    assert first.stage == 0 and len(first.candidates) == 1 and first.generator_updates == 0
+    assert first.recording_updates == 3 and not first.path
     ckpt = tmp_path / "mid_stage1.ckpt"
     t1.save_checkpoint(ckpt)
 
     resumed = DisBackStudent("embedded", TINY, **kw)
     t2 = trainer(8)  # 6 recording steps, then one batch of (fake-score, generator) updates
     t2.fit(resumed, data, ckpt_path=ckpt)
-    assert [p.split("/")[-1] for p in resumed.path] == [f"degradation_{k:03d}.pt" for k in (1, 2, 3)]
+    assert resumed.recording_updates == 6 and not resumed.candidates
+    assert [p.split("/")[-1] for p in resumed.path] == [f"degradation_{k:06d}.pt" for k in (2, 4, 6)]
     assert resumed.generator_updates == 1 and resumed.stage == 2  # 1 update per stage: now at target c_1
     teacher = resumed.teacher.net.state_dict()
     path = [torch.load(p, weights_only=True) for p in resumed.path]
@@ -177,11 +179,34 @@ def test_disback_stages_checkpoints_ordered_and_resumable(tmp_path, data):
     assert loaded.target_index(loaded.stage) == 0 and params_distance(loaded.real_score.net.state_dict(), teacher) == 0
 
 
+def test_disback_recording_runs_until_the_loss_converges_and_spreads_its_path():
+    """``recording_converged``: the last ``recording_patience`` losses improve by less than ``recording_tol`` on the
+    ones before (or the cap). ``path_indices``: candidates at equal steps of the smoothed loss between the start
+    (the teacher's score on g_0) and the end (the converged score), not at equal numbers of updates."""
+    module = DisBackStudent("embedded", TINY, num_checkpoints=4, recording_patience=10, recording_tol=0.01,
+                            max_recording_updates=500)
+    losses = [1.0 + 9.0 * math.exp(-u / 20) for u in range(400)]  # falls fast, then flattens at 1
+    stop = next(u for u in range(1, 401) if module.recording_converged(losses[:u]))
+    assert 100 < stop < 200  # converged once 10 more updates gain < 1%: 1 + 9 exp(-u/20) flat to 1%
+    assert not module.recording_converged(losses[:stop - 1])
+    assert module.recording_converged([1.0] * 500)  # the cap
+    updates = list(range(5, stop + 1, 5))  # a candidate every 5 updates, the converged state last
+    chosen = module.path_indices(updates, losses[:stop])
+    assert len(chosen) == 4 and chosen[-1] == len(updates) - 1 and chosen == sorted(set(chosen))
+    k = module.recording_patience
+    smooth = [sum(losses[max(0, u - k):u]) / len(losses[max(0, u - k):u]) for u in updates]
+    start, end = sum(losses[:k]) / k, smooth[-1]
+    fractions = [(start - smooth[i]) / (start - end) for i in chosen]
+    assert all(abs(f - j / 4) < 0.1 for f, j in zip(fractions[:3], (1, 2, 3))), fractions
+    assert updates[chosen[0]] < 40  # the first target sits early, where the loss still falls fast
+
+
 @pytest.mark.parametrize("kind", ["disback_memory", "diff_instruct_vp", "nodistill_kl", "nodistill_js_random"])
 def test_modules_run_a_few_steps(kind, data, tmp_path):
     torch.manual_seed(0)
     if kind == "disback_memory":
-        module = DisBackStudent("embedded", TINY, num_checkpoints=2, degradation_interval=1, iterations_per_stage=1)
+        module = DisBackStudent("embedded", TINY, num_checkpoints=2, degradation_interval=1, iterations_per_stage=1,
+                                max_recording_updates=2)
     elif kind == "diff_instruct_vp":
         module = DisBackStudent("embedded", {**TINY, "family": "vp"}, backtracking=False, guidance_scale=2.0,
                                 aux_updates_per_generator_update=2)

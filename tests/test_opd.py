@@ -144,3 +144,59 @@ def test_mean_weighting_turns_every_step_into_mean_matching(teacher_dirs):
         torch.testing.assert_close(weighted, (mean_s - mean_t).pow(2).flatten(1).sum(1))
     with pytest.raises(ValueError, match="step_weighting='x'"):
         student(teacher_dirs, step_weighting="x")
+
+
+def test_timestep_fraction_leaves_out_the_last_steps(teacher_dirs):
+    """DiffusionOPD's timestep_fraction 0.99: int(0.99 * N) steps, so the last one, whose kernel std is near zero
+    on a flow grid, never enters the loss; 1.0 trains every step."""
+    module = student(teacher_dirs, num_steps=5, timestep_fraction=0.99)
+    b = batch()
+    cond, uncond = module.encode(b["prompt"])
+    traj = module.sample_trajectories(module.model, cond, uncond, 3, torch.Generator().manual_seed(0))
+    rows, steps = module.training_pairs(traj, None, torch.Generator().manual_seed(1), stochastic_only=False)
+    assert sorted(set(steps.tolist())) == [0, 1, 2, 3] and len(rows) == 3 * 4
+    every = student(teacher_dirs, num_steps=5, timestep_fraction=1.0)
+    assert sorted(set(every.training_pairs(traj, None, torch.Generator().manual_seed(1), False)[1].tolist())) == \
+        list(range(5))
+    assert module.step_stds[-1] < 0.1 * module.step_stds[0]  # why: the last flow step's std collapses
+    with pytest.raises(ValueError, match="timestep_fraction=0.1"):
+        student(teacher_dirs, num_steps=5, timestep_fraction=0.1)  # int(0.5) = 0 steps
+
+
+def test_kl_dt_weighting_divides_by_the_noise_level_not_the_kernel_variance(teacher_dirs):
+    """``kl_dt``: KL * (sigma_t - sigma_s) = ||mu_s - mu_T||^2 / (2 a^2 t / (1 - t)), the per-step loss of
+    DiffusionOPD's training script with noise (Flow-GRPO's std_dev_t is a sqrt(t / (1 - t)), without sqrt(dt))."""
+    module = student(teacher_dirs, step_weighting="kl_dt", noise_level=0.7)
+    grid = module.model.schedule.grid(module.num_steps)
+    mean_s, mean_t = torch.randn(1, 1, 8, 8, dtype=torch.float64), torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    for step in range(module.num_steps - 1):  # the first step starts at t = 1, where 1 - t is read at s
+        t = float(grid.sigma_t[step])
+        weighted = per_step_kl(mean_s, mean_t, module.step_stds[step]) * module.step_weight(torch.tensor([step]))
+        noise_var = 0.7**2 * t / (1 - t) if t < 1 else 0.7**2 * t / (1 - float(grid.sigma_s[step]))
+        torch.testing.assert_close(weighted, (mean_s - mean_t).pow(2).sum().view(1) / (2 * noise_var))
+
+
+def test_each_teacher_has_its_own_guidance_scale(teacher_dirs):
+    """teacher_guidance: the routed teacher's kernel mean is computed with its own classifier-free guidance
+    (prediction p_uncond + w (p_cond - p_uncond) of that teacher), whatever the student's scale."""
+    from lit_distill.diffusion import guided_prediction
+
+    module = student(teacher_dirs, teacher_guidance={"bright": 3.0})
+    assert module.teacher_guidance == {"bright": 3.0, "dark": 1.0}
+    b = batch(("bright", "dark", "bright"))
+    cond, uncond = module.encode(b["prompt"])
+    traj = module.sample_trajectories(module.model, cond, uncond, 3, torch.Generator().manual_seed(0))
+    rows, steps = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])
+    got = module.teacher_means(traj, rows, steps, b["prompt"], b["task"])
+    grid = module.grid().at(steps)
+    for i, (name, scale) in enumerate((("bright", 3.0), ("dark", 1.0), ("bright", 3.0))):
+        teacher = module.teachers[name]
+        x = traj.latents[rows[i:i + 1], steps[i:i + 1]]
+        with torch.no_grad():
+            prediction = guided_prediction(teacher, x, grid.timesteps[i:i + 1], teacher.encode_prompts([b["prompt"][i]]),
+                                           teacher.null_cond(1), scale)
+        expected = teacher.schedule.kernel(prediction.float(), x, module.grid().at(steps[i:i + 1]),
+                                           traj.noise_levels[steps[i:i + 1]])[0]
+        torch.testing.assert_close(got[i:i + 1], expected.float())
+    with pytest.raises(ValueError, match=r"teacher_guidance names \['nobody'\]"):
+        student(teacher_dirs, teacher_guidance={"nobody": 2.0})

@@ -58,6 +58,27 @@ def test_brightness_by_hand():
         build_reward({"name": "brightness", "target": 2.0})
 
 
+def test_slant_by_hand_and_differentiable():
+    """Two ink pixels one row apart, the upper one ``d`` columns to the right: slant = d (pixels per row)."""
+    x = torch.full((3, 1, 6, 6), -1.0)
+    x[0, 0, 2, 3], x[0, 0, 3, 3] = 1.0, 1.0  # upright
+    x[1, 0, 2, 3], x[1, 0, 3, 2] = 1.0, 1.0  # top one column right: slant 1
+    x[2, 0, 2, 2], x[2, 0, 3, 3] = 1.0, 1.0  # top one column left: slant -1
+    r = build_reward({"name": "slant", "target": 0.7})
+    # mu02 = 0.25 is below the floor of 0.5 pixels^2, so slant = -mu11 / 0.5 = d / 2 for these two-pixel shapes
+    torch.testing.assert_close(r(x, ["p"] * 3, ["t"] * 3), torch.tensor([-0.7, -0.2, -1.2]))
+    tall = torch.full((1, 1, 8, 8), -1.0)
+    for row in range(1, 7):
+        tall[0, 0, row, 2 + (6 - row) // 2] = 1.0  # a stroke shifting right by 1/2 pixel per row upwards
+    from lit_distill.utils.images import slant
+    assert abs(float(slant(tall)) - 0.5) < 0.05
+    y = tall.clone().requires_grad_(True)
+    r(y, ["p"], ["t"]).sum().backward()
+    assert y.grad.abs().sum() > 0 and r.max_value == 0.0 and r.differentiable
+    with pytest.raises(ValueError, match="target"):
+        build_reward({"name": "slant", "target": 9})
+
+
 def test_symmetry_by_hand():
     x = torch.full((2, 1, 2, 2), -1.0)
     x[1, :, :, 0] = 1.0  # left column ink 1, right 0 -> |diff| = 1 everywhere
