@@ -1,13 +1,14 @@
-"""Why OPD keeps little of the brightness and compress teachers: a control experiment on two tasks.
+"""The control of OPD's task routing: two tasks on prompts the base tells apart, or not.
 
 The OPD student knows a prompt's task only from the prompt. This script trains a brightness and a compress
-teacher (TeacherRL) on the shipped prompts, then OPD students from the same base at equal steps on four
-prompt sets, and reports the share of each teacher's reward gain the student keeps on held-out prompts:
+teacher (TeacherRL) on each prompt set, then OPD students from the same base at equal steps, and reports the
+share of each teacher's reward gain the student keeps on held-out prompts:
 
 - ``single``: brightness alone (one teacher: no task to tell apart);
-- ``shipped``: both tasks with the shipped prompts ("a bold handwritten three" / "a simple handwritten three");
-- ``templates``: both tasks, each with caption templates the base was pretrained on ("a handwritten three" /
-  "the digit three"), which the base learned to treat alike;
+- ``shipped``: both tasks with the shipped prompts ("a bold handwritten three" / "a thin handwritten three"),
+  whose style words the base learned from its captions;
+- ``templates``: both tasks on plain caption templates ("a handwritten three" / "the digit three"), which
+  carry no style word: no student can be two teachers on what is, for it, the same input;
 - ``digits``: brightness on digits 0-4, compress on digits 5-9 (prompts the base certainly tells apart).
 
     python benchmarks/opd_task_confusion.py            # CPU, about 5 minutes on 2 cores
