@@ -152,16 +152,16 @@ def test_disback_path_is_kept_in_side_files_written_once(tmp_path):
 
     def fit_disback(max_steps, ckpt_path=None):
         module = DisBackStudent("embedded", TINY, num_checkpoints=3, degradation_interval=1, iterations_per_stage=1,
-                                lr=1e-3)
+                                max_recording_updates=3, lr=1e-3)
         L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                   limit_val_batches=0, callbacks=[DurableCheckpoint(tmp_path, every_n_train_steps=1)]).fit(
             module, ImageDataModule("embedded:digits", resolution=8, batch_size=8, val_fraction=0.0),
             ckpt_path=ckpt_path)
         return module
 
-    fit_disback(3)  # records c_1..c_3 (one fake-score update each), then targets c_2
+    fit_disback(3)  # records candidates after fake-score updates 1, 2, 3: the path c_1..c_3; then targets c_2
     side_files = sorted(tmp_path.glob("disback_degradation_*.pt"))
-    assert [f.name[:23] for f in side_files] == [f"disback_degradation_00{i}" for i in (1, 2, 3)]
+    assert [f.name[:26] for f in side_files] == [f"disback_degradation_00000{i}" for i in (1, 2, 3)]
     stamps = [f.stat().st_mtime_ns for f in side_files]
     checkpoint = read_checkpoint(tmp_path / "last.ckpt")
     path = checkpoint["disback"]["path"]
@@ -183,7 +183,7 @@ def test_disback_path_is_kept_in_side_files_written_once(tmp_path):
     hidden.mkdir()
     for f in side_files:
         f.rename(hidden / f.name)
-    with pytest.raises(FileNotFoundError, match="disback_degradation_001_.*missing.*restore them"):
+    with pytest.raises(FileNotFoundError, match="disback_degradation_000001_.*missing.*restore them"):
         fit_disback(7, ckpt_path=moved / "last.ckpt")
     for f in side_files:
         (hidden / f.name).rename(moved / f.name)

@@ -80,7 +80,9 @@ def test_rollout_log_probs_give_ratio_one_before_any_update():
     mean, std = module.kernel(module.model, traj, rows, steps, cond, uncond)
     log_probs = gaussian_log_prob(traj.latents[rows, steps + 1], mean, std)
     ratio = torch.exp(log_probs - traj.log_probs[rows, steps])
-    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
+    # float32: the recomputation runs the net on other batch shapes than the rollout; with one CPU thread the
+    # summed log-densities of a step then differ by up to ~3e-4
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-3, rtol=0)
 
 
 def test_kl_to_identical_reference_is_zero_with_zero_gradient():

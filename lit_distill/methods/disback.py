@@ -167,21 +167,28 @@ class DisBackStudent(OneStepModule):
         return recent > (1 - self.recording_tol) * before
 
     def path_indices(self, candidate_updates: list[int], losses: list[float]) -> list[int]:
-        """Which candidates become ``c_1 .. c_N`` (indices into the candidates, the last one always ``c_N``):
-        those whose smoothed DSM loss is nearest to ``L_0 - k/N (L_0 - L_end)`` for ``k = 1 .. N``, where ``L_0`` is
-        the loss of the first ``recording_patience`` updates (the teacher's score on g_0) and ``L_end`` that of
-        the last (the converged score). Distinct candidates, in order."""
+        """Which candidates become ``c_1 .. c_N`` (indices into the candidates, in order, the last one always
+        ``c_N``): those whose smoothed DSM loss is nearest to ``L_0 - k/N (L_0 - L_end)`` for ``k = 1 .. N - 1``,
+        where ``L_0`` is the mean loss of the first ``recording_patience`` updates (the teacher's score on g_0) and
+        ``L_end`` that of the last (the converged score). Every candidate when there are at most N; equally spaced
+        candidates when the loss did not fall."""
+        n, count = self.num_checkpoints, len(candidate_updates)
+        if count <= n:
+            return list(range(count))
         k = self.recording_patience
         smooth = lambda u: sum(losses[max(0, u - k):u]) / len(losses[max(0, u - k):u])  # noqa: E731
         start, end = smooth(min(k, len(losses))), smooth(len(losses))
         levels = [smooth(u) for u in candidate_updates]
         chosen: list[int] = []
-        for j in range(1, self.num_checkpoints):
-            target = start - j / self.num_checkpoints * (start - end)
-            free = [i for i in range(len(levels) - 1) if not chosen or i > chosen[-1]]
-            if free:
+        for j in range(1, n):
+            # leave room after this pick for the n - 1 - j picks still to come and for c_N
+            free = range(chosen[-1] + 1 if chosen else 0, count - 1 - (n - 1 - j))
+            if start > end:
+                target = start - j / n * (start - end)
                 chosen.append(min(free, key=lambda i: abs(levels[i] - target)))
-        return chosen + [len(levels) - 1]
+            else:
+                chosen.append(max(free[0], min(free[-1], round(j * (count - 1) / n) - 1)))
+        return chosen + [count - 1]
 
     def _keep_candidate(self) -> None:
         state = _cpu_state(self.fake_score.net)
