@@ -437,7 +437,7 @@ def flop_counts(method: str, spec: Spec) -> dict:
     counts = {"fwd": _count(call(model, fwd_batch), False) / fwd_batch,
               "fwd_bwd": _count(call(model, bwd_batch), True) / bwd_batch}
     if method == "nodistill":
-        from lit_distill.methods.nodistill import DensityRatioClassifier
+        from lit_distill.models import DensityRatioClassifier
         from lit_distill.methods.one_step import trainable_copy
 
         with torch.device("meta"):

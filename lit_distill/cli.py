@@ -1,8 +1,10 @@
 """``lit-distill``: the LightningCLI entry point.
 
-``lit-distill fit --config configs/teacher_rl/brightness.yaml`` (any subcommand of LightningCLI), and
-``lit-distill quickstart`` for the whole embedded pipeline. ``--import MODULE`` (repeatable) imports a module
-of yours first, e.g. one whose ``@register_reward("my_reward")`` classes a config then names.
+``lit-distill fit --config configs/teacher_rl/brightness.yaml`` (any subcommand of LightningCLI),
+``lit-distill quickstart`` for the whole embedded pipeline and ``lit-distill embedded-base`` to make the
+embedded base model (``fit`` makes it too, before building a module that names ``embedded:base``).
+``--import MODULE`` (repeatable) imports a module of yours first, e.g. one whose ``@register_reward("my_reward")``
+classes a config then names.
 """
 from __future__ import annotations
 
@@ -42,6 +44,16 @@ class DistillCLI(LightningCLI):
             if "Union subtypes" not in str(e) or cause is None:
                 raise
             raise cause from cause.__cause__
+
+    def before_instantiate_classes(self) -> None:
+        """Make the embedded base model first when the module's arguments name ``embedded:base``."""
+        from .pipeline import ensure_embedded_bases
+
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        model = config.get("model")
+        init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
+        if init_args is not None:
+            ensure_embedded_bases(init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args))
 
 
 def usage_error(message: str) -> None:
@@ -118,6 +130,11 @@ def main(args: list[str] | None = None) -> None:
         from .pipeline import quickstart_main
 
         quickstart_main(argv[1:])
+        return
+    if argv and argv[0] == "embedded-base":
+        from .pipeline import embedded_base_main
+
+        embedded_base_main(argv[1:])
         return
     argv = import_user_modules(argv)
     check_config_files(argv)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from .utils import default_cache_dir
+from .models.sources import EMBEDDED_BASE, embedded_base_dir
 
 # The three embedded tasks and the reward each is judged by (also in configs/teacher_rl/*.yaml); each task has
 # prompts of its own (lit_distill.data.embedded.PROMPT_TEMPLATES): "bold"/"thick", "thin"/"light" and "slanted"/
@@ -29,10 +29,6 @@ TASK_REWARDS: dict[str, Any] = {
 }
 #: Every prompt scored by the reward of its own task: evaluation, and the joint multi-reward RL baseline
 PER_TASK_REWARD = {"name": "per_task", "rewards": TASK_REWARDS}
-
-
-def base_model_dir(resolution: int = 16, family: str = "flow", cache_dir: Optional[str] = None) -> Path:
-    return Path(cache_dir or default_cache_dir()) / f"base_mnist_r{resolution}_{family}"
 
 
 def trainer(max_steps: int, out_dir: Optional[Path] = None, callbacks=(), progress: bool = True, **kwargs) -> L.Trainer:
@@ -49,13 +45,14 @@ def trainer(max_steps: int, out_dir: Optional[Path] = None, callbacks=(), progre
 def ensure_embedded_base(resolution: int = 16, family: str = "flow", cache_dir: Optional[str] = None,
                          max_steps: int = 1000, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                          progress: bool = True) -> Path:
-    """The pretrained embedded base model's directory, training it on the embedded digits first if it
-    is not cached yet (``DiffusionPretrain`` by flow matching / DSM, EMA weights exported)."""
+    """The pretrained embedded base model's directory (``load_model("embedded:base")`` reads it), training it
+    on the embedded digits first if it is not cached yet (``DiffusionPretrain`` by flow matching / DSM, EMA
+    weights exported)."""
     from .callbacks.export import ExportCallback
     from .data import ImageDataModule
     from .methods import DiffusionPretrain
 
-    path = base_model_dir(resolution, family, cache_dir)
+    path = embedded_base_dir(resolution, family, cache_dir)
     if (path / "model_index.json").is_file():
         return path
     print(f"[lit-distill] training the embedded base model ({max_steps} steps) -> {path}")
@@ -64,6 +61,30 @@ def ensure_embedded_base(resolution: int = 16, family: str = "flow", cache_dir: 
     data = ImageDataModule("embedded:mnist", resolution=resolution, batch_size=batch_size, seed=seed)
     trainer(max_steps, path.parent / f"{path.name}.logs", [ExportCallback(str(path))], progress=progress).fit(module, data)
     return path
+
+
+def ensure_embedded_bases(init_args: dict) -> list[Path]:
+    """Make every embedded base model that a method's arguments name (``"embedded:base"`` as ``model``,
+    ``teacher`` or a value of ``teachers``), with the ``resolution`` / ``family`` / ``cache_dir`` of the
+    sibling ``<name>_kwargs``: what ``lit-distill fit`` runs before it builds the module."""
+    made = []
+    for name, value in init_args.items():
+        sources = value.values() if isinstance(value, dict) else [value]
+        if any(source == EMBEDDED_BASE for source in sources):
+            kwargs = dict(init_args.get(f"{name}_kwargs") or {})
+            made.append(ensure_embedded_base(**{k: kwargs[k] for k in ("resolution", "family", "cache_dir")
+                                                if kwargs.get(k) is not None}))
+    return made
+
+
+def embedded_base_main(argv: list[str]) -> None:
+    """``lit-distill embedded-base``: train and cache the embedded base model (nothing if cached)."""
+    parser = argparse.ArgumentParser(prog="lit-distill embedded-base", description=ensure_embedded_base.__doc__)
+    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--family", default="flow", choices=["flow", "vp"])
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--max-steps", type=int, default=1500)
+    print(ensure_embedded_base(**vars(parser.parse_args(argv))))
 
 
 def split_prompts(out: Path, tasks: list[str], val_fraction: float = 0.2, seed: int = 0) -> dict[str, Path]:

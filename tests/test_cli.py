@@ -116,3 +116,41 @@ def test_truncated_checkpoint_as_model_is_named_through_the_cli(tmp_path):
     cut.write_bytes(b"PK\x03\x04" + b"\0" * 100)
     with pytest.raises(ValueError, match=r"^model='.*cut\.ckpt' cannot be read as a checkpoint"):
         main(["fit", "--config", str(tmp_path / "run.yaml"), "--model.init_args.model", str(cut)])
+
+
+def test_loading_embedded_base_never_trains_and_names_the_command_that_makes_it(tmp_path):
+    from lit_distill.models import EmbeddedBaseMissing, embedded_base_dir, load_model
+    from lit_distill.models.builders import build_embedded_model
+
+    with pytest.raises(EmbeddedBaseMissing, match="lit-distill embedded-base --resolution 8"):
+        load_model("embedded:base", resolution=8, cache_dir=str(tmp_path))
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+    build_embedded_model(resolution=8, block_channels=(16, 32), text_hidden=32).save_pretrained(
+        embedded_base_dir(8, "flow", str(tmp_path)))
+    assert load_model("embedded:base", resolution=8, cache_dir=str(tmp_path)).sample_shape == (1, 8, 8)
+
+
+class MadeBase(Exception):
+    pass
+
+
+def test_fit_makes_the_embedded_bases_a_config_names_before_building_the_module(monkeypatch):
+    from lit_distill import pipeline
+
+    calls = []
+
+    def record(**kwargs):
+        calls.append(kwargs)
+        return Path("unused")
+
+    monkeypatch.setattr(pipeline, "ensure_embedded_base", record)
+    pipeline.ensure_embedded_bases({"model": "embedded:base", "model_kwargs": {"resolution": 8, "seed": 1},
+                                    "teachers": {"a": "embedded:base", "b": "some/dir"}, "reward": "brightness"})
+    assert calls == [{"resolution": 8}, {}]
+
+    def stop(**kwargs):
+        raise MadeBase(kwargs)
+
+    monkeypatch.setattr(pipeline, "ensure_embedded_base", stop)
+    with pytest.raises(MadeBase):
+        main(["fit", "--config", str(ROOT / "configs/teacher_rl/brightness.yaml")])

@@ -227,7 +227,7 @@ def test_modules_run_a_few_steps(kind, data, tmp_path):
                                          for a, b in zip(loaded.path, module.path))  # kept inside the checkpoint
     images = module.sample(3, generator=torch.Generator().manual_seed(0))
     assert images.shape == (3, 1, 8, 8) and images.abs().max() <= 1
-    exported = DiffusionModel.from_pretrained(module.export_generator(tmp_path / "generator"))
+    exported = DiffusionModel.from_pretrained(module.export(tmp_path / "generator"))
     with module.ema.swap(module.generator):
         ema_weights = {k: v.clone() for k, v in module.model.net.state_dict().items()}
     assert params_distance(exported.net.state_dict(), ema_weights) == 0

@@ -3,7 +3,9 @@ losses, checkpoint identity. Methods subclass :class:`DistillModule` and stay gl
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Iterable, Literal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar, Iterable, Iterator, Literal
 
 import lightning as L
 import torch
@@ -136,6 +138,21 @@ class DistillModule(L.LightningModule):
         if self._trainer is None:
             return None
         return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    # -- export ------------------------------------------------------------------------------
+    @contextmanager
+    def exported_model(self) -> Iterator[nn.Module]:
+        """The ``DiffusionModel`` that :meth:`export` writes, valid inside the block (EMA weights swapped in,
+        LoRA merged...). A Lightning checkpoint of the method loaded as a model source gives a copy of it."""
+        raise NotImplementedError(f"{type(self).__name__} does not define exported_model()")
+        yield  # pragma: no cover
+
+    def export(self, path: str | Path) -> Path:
+        """Write :meth:`exported_model` as a diffusers-style directory (``load_model(path)`` reads it back)."""
+        path = Path(path)
+        with self.exported_model() as model:
+            model.save_pretrained(path)
+        return path
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -6,7 +6,10 @@ recomputation of the kernel of chosen (sample, step) pairs with gradient.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import copy
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -14,9 +17,9 @@ from torch import Tensor
 from ..diffusion import Trajectory, guided_prediction, noise_levels, rollout
 from ..diffusion.schedules import SamplingGrid
 from ..models.diffusion_model import DiffusionModel
-from ..models.lora import add_lora
-from ..models.sources import load_model
+from ..models.lora import add_lora, merge_lora, save_lora
 from .base import DistillModule, check_at_least_one
+from .checkpoints import load_source
 
 
 def repeat_rows(batch: dict[str, Any], times: int) -> dict[str, Any]:
@@ -61,7 +64,7 @@ class OnPolicyModule(DistillModule):
         if not 0 < timestep_fraction <= 1 or int(num_steps * timestep_fraction) < 1:
             raise ValueError(f"timestep_fraction={timestep_fraction}: need 0 < timestep_fraction <= 1 with at least "
                              f"one of the num_steps={num_steps} steps trained (int(num_steps * timestep_fraction) >= 1)")
-        self.model: DiffusionModel = load_model(model, **(model_kwargs or {}))
+        self.model: DiffusionModel = load_source(model, **(model_kwargs or {}))
         self.model.requires_grad_(False)
         if lora_rank > 0:
             add_lora(self.model.net, rank=lora_rank)
@@ -158,23 +161,24 @@ class OnPolicyModule(DistillModule):
         self.model.train(was_training)
         return self.model.decode(x)
 
-    def export(self, path) -> None:
-        """Write the trained model as a diffusers-style directory loadable by ``load_model(path)``
-        (LoRA merged into a copy) and, when training LoRA, the adapter alone under ``path/lora`` in the
-        diffusers format (``pipe.load_lora_weights(path/"lora")``)."""
-        import copy
-        from pathlib import Path
-
-        from ..models.lora import merge_lora, save_lora
-
-        path = Path(path)
+    @contextmanager
+    def exported_model(self) -> Iterator[DiffusionModel]:
+        """The trained model as exported: ``self.model``, or a copy with the LoRA adapters merged."""
         if self.hparams.get("lora_rank", 0) > 0:
             merged = copy.deepcopy(self.model)
             merged.net = merge_lora(merged.net)
-            merged.save_pretrained(path)
-            save_lora(self.model.net, path / "lora")  # save_pretrained replaces the directory
+            yield merged
         else:
-            self.model.save_pretrained(path)
+            yield self.model
+
+    def export(self, path) -> Path:
+        """Write the trained model as a diffusers-style directory loadable by ``load_model(path)``
+        (LoRA merged into a copy) and, when training LoRA, the adapter alone under ``path/lora`` in the
+        diffusers format (``pipe.load_lora_weights(path/"lora")``)."""
+        path = super().export(path)
+        if self.hparams.get("lora_rank", 0) > 0:
+            save_lora(self.model.net, path / "lora")  # after save_pretrained, which replaces the directory
+        return path
 
     def configure_optimizers(self):
         return self.make_optimizer(self.model.net.parameters())

@@ -32,8 +32,8 @@ from ..diffusion import OneStepGenerator, expand_like
 from ..losses.score_distillation import WEIGHTINGS, score_weight
 from ..models.diffusion_model import DiffusionModel
 from ..models.ema import EMA
-from ..models.sources import load_model
 from .base import DistillModule, check_positive, module_args
+from .checkpoints import load_source
 
 INITS = ("teacher", "random")
 
@@ -127,7 +127,7 @@ class OneStepModule(DistillModule, abc.ABC):
         self.t_min, self.t_max, self.weighting, self.max_grad_norm = t_min, t_max, weighting, max_grad_norm
         self.seed, self.eval_captions = seed, eval_captions
 
-        teacher_model = load_model(teacher, **(teacher_kwargs or {})).freeze_()
+        teacher_model = load_source(teacher, **(teacher_kwargs or {})).freeze_()
         denoiser = trainable_copy(teacher_model, generator_init, seed)
         self.prepare_network(denoiser.net)
         self.generator = OneStepGenerator(denoiser, teacher_model.schedule, t_star)
@@ -299,15 +299,15 @@ class OneStepModule(DistillModule, abc.ABC):
         """The evaluation hook of ``FIDCallback``: ``n`` EMA samples in ``[-1, 1]`` on default captions."""
         return self.sample(n, generator=generator)
 
-    def export_generator(self, path: str | Path) -> Path:
-        """Write the EMA generator's model with ``save_pretrained`` plus ``one_step.json`` (its ``t_star``):
-        ``load_model(path)`` reads it back; one step is ``OneStepGenerator(model, model.schedule, t_star)``."""
-        path = Path(path)
+    @contextmanager
+    def exported_model(self) -> Iterator[DiffusionModel]:
+        """The generator's model with its EMA weights, inside the block."""
         with self.ema.swap(self.generator):
-            self.model.save_pretrained(path)
-        (path / "one_step.json").write_text(json.dumps({"t_star": self.generator.t_star, "method": self.method}))
-        return path
+            yield self.model
 
     def export(self, path: str | Path) -> Path:
-        """``ExportCallback``'s hook: :meth:`export_generator`."""
-        return self.export_generator(path)
+        """Write the EMA generator's model with ``save_pretrained`` plus ``one_step.json`` (its ``t_star``):
+        ``load_model(path)`` reads it back; one step is ``OneStepGenerator(model, model.schedule, t_star)``."""
+        path = super().export(path)
+        (path / "one_step.json").write_text(json.dumps({"t_star": self.generator.t_star, "method": self.method}))
+        return path

@@ -10,8 +10,8 @@ from torch import Tensor
 from ..diffusion import Trajectory
 from ..losses import per_step_kl
 from ..models.diffusion_model import DiffusionModel
-from ..models.sources import load_model
 from .base import check_at_least_one, module_args
+from .checkpoints import load_source
 from .on_policy import OnPolicyModule
 
 
@@ -84,7 +84,7 @@ class OPDStudent(OnPolicyModule):
         self.teachers: dict[str, DiffusionModel] = {}
         for name, source in teachers.items():
             try:
-                teacher = load_model(source).copy_frozen(dtype)
+                teacher = load_source(source).copy_frozen(dtype)
             except (ValueError, FileNotFoundError) as e:  # name the teacher: the same error fits every source
                 raise type(e)(f"teachers[{name!r}]: {e}") from e
             check_compatible(self.model, teacher, name)

@@ -1,16 +1,17 @@
 """DiffusionPretrain: train a base denoiser by DSM (VP) or flow matching on an ImageDataModule."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 
 from ..losses import denoising_loss
+from ..models.diffusion_model import DiffusionModel
 from ..models.ema import EMA
-from ..models.sources import load_model
 from ..utils.images import check_images
 from .base import DistillModule, module_args
+from .checkpoints import load_source
 
 
 class DiffusionPretrain(DistillModule):
@@ -37,7 +38,7 @@ class DiffusionPretrain(DistillModule):
         super().__init__(lr=lr, weight_decay=weight_decay, nan_policy=nan_policy, compile=compile,
                          gradient_checkpointing=gradient_checkpointing)
         self.save_hyperparameters(ignore=module_args(model=model))
-        self.model = load_model(model, **(model_kwargs or {}))
+        self.model = load_source(model, **(model_kwargs or {}))
         self.prepare_network(self.model.net)
         if self.model.vae is not None:
             self.model.vae.requires_grad_(False)
@@ -88,7 +89,8 @@ class DiffusionPretrain(DistillModule):
     def configure_optimizers(self):
         return self.make_optimizer(self.model.parameters())
 
-    def export(self, path) -> None:
-        """Write the EMA weights as a diffusers-style directory (``load_model(path)`` reads it back)."""
+    @contextmanager
+    def exported_model(self) -> Iterator[DiffusionModel]:
+        """The model with its EMA weights (text encoder included), inside the block."""
         with self.ema.swap(self.model):
-            self.model.save_pretrained(Path(path))
+            yield self.model

@@ -1,59 +1,62 @@
-"""Where a model comes from: one string names it in every config and every method."""
+"""Where a model comes from: one string names it in every config and every method.
+
+``load_model`` only *resolves* a source; it never trains anything. The embedded base model is made by the
+pipeline (``lit-distill embedded-base``, or any ``lit-distill fit`` / ``quickstart`` run that names it) and
+then found here in the cache. Lightning checkpoints of the methods are read by ``lit_distill.methods``
+(``load_source``), which knows the methods.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
+from ..utils import default_cache_dir
 from .builders import build_embedded_model
 from .diffusion_model import DiffusionModel
 
+EMBEDDED_BASE = "embedded:base"
 SOURCES_HELP = ("'embedded' (a fresh tiny text-conditional model built from config), 'embedded:base' "
-                "(the pretrained embedded base model, trained and cached on first use), the path of a "
-                "diffusers-style model directory (unet/ or transformer/, scheduler/, optional vae/, "
-                "text_encoder/ and tokenizer/) or a Lightning checkpoint (.ckpt) of a lit_distill method")
+                "(the pretrained embedded base model, from the cache) or the path of a diffusers-style model "
+                "directory (unet/ or transformer/, scheduler/, optional vae/, text_encoder/ and tokenizer/)")
+
+
+class EmbeddedBaseMissing(FileNotFoundError):
+    """``"embedded:base"`` names a base model that is not in the cache yet; the message says how to make it."""
+
+
+def embedded_base_dir(resolution: int = 16, family: str = "flow", cache_dir: Optional[str] = None) -> Path:
+    """The cache directory of the embedded base model of this resolution and schedule family."""
+    return Path(cache_dir or default_cache_dir()).expanduser() / f"base_mnist_r{resolution}_{family}"
 
 
 def load_model(source: "str | DiffusionModel" = "embedded", **kwargs) -> DiffusionModel:
     """Build or load a :class:`DiffusionModel`.
 
     ``source`` is a ``DiffusionModel`` (returned as is: for notebooks and programmatic use) or one of
-    {help}. ``kwargs`` go to ``build_embedded_model`` for ``"embedded"``, to
-    ``ensure_embedded_base`` for ``"embedded:base"`` and to ``DiffusionModel.from_pretrained`` for a
-    directory.
+    {help}. ``kwargs`` go to ``build_embedded_model`` for ``"embedded"``, to :func:`embedded_base_dir`
+    (``resolution``, ``family``, ``cache_dir``) for ``"embedded:base"`` and to ``DiffusionModel.from_pretrained``
+    for a directory. Raises :class:`EmbeddedBaseMissing` for an ``"embedded:base"`` not cached yet, naming the
+    command that makes it, and ``FileNotFoundError`` for anything else that is not there.
     """
     if isinstance(source, DiffusionModel):
         return source
     if source == "embedded":
         return build_embedded_model(**kwargs)
-    if source == "embedded:base":
-        from ..pipeline import ensure_embedded_base
-
-        return DiffusionModel.from_pretrained(ensure_embedded_base(**kwargs))
+    if source == EMBEDDED_BASE:
+        path = embedded_base_dir(**kwargs)
+        if not (path / "model_index.json").is_file():
+            options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in kwargs.items() if v is not None)
+            raise EmbeddedBaseMissing(
+                f"model='embedded:base': the embedded base model is not in the cache yet ({path}). Make it once "
+                f"with `lit-distill embedded-base{' ' + options if options else ''}` (a few minutes on a CPU); "
+                "`lit-distill quickstart` and `lit-distill fit` with a config naming embedded:base make it "
+                "first too, and from Python: lit_distill.pipeline.ensure_embedded_base().")
+        return DiffusionModel.from_pretrained(path)
     path = Path(source).expanduser()
-    if path.suffix == ".ckpt" and path.is_file():
-        return model_from_checkpoint(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model={source!r}: no such directory. Give {SOURCES_HELP}.")
+        hint = " (Lightning checkpoints are read by lit_distill.methods.load_source)" if path.suffix == ".ckpt" else ""
+        raise FileNotFoundError(f"model={source!r}: no such directory{hint}. Give {SOURCES_HELP}.")
     return DiffusionModel.from_pretrained(path, **kwargs)
 
 
 load_model.__doc__ = load_model.__doc__.format(help=SOURCES_HELP)
-
-
-def model_from_checkpoint(path: Path) -> DiffusionModel:
-    """The trained model of a lit_distill Lightning checkpoint (TeacherRL, OPDStudent, DiffusionPretrain: the
-    EMA weights where there are some; the one-step methods: the generator's network). The checkpoint's
-    hyper-parameters name the source it started from, which must still be loadable."""
-    from .. import methods
-    from ..utils.checkpoint_files import read_checkpoint
-
-    checkpoint = read_checkpoint(path, "model")
-    method = checkpoint.get("lit_distill_method")
-    classes = {cls.method: cls for cls in (methods.DiffusionPretrain, methods.TeacherRL, methods.OPDStudent,
-                                           methods.DisBackStudent, methods.NoDistillOneStep)}
-    if method not in classes:
-        raise ValueError(f"model={str(path)!r} is not a lit_distill checkpoint (method {method!r}); give one "
-                         f"written by {sorted(classes)} or a model directory")
-    module = classes[method].load_from_checkpoint(path, map_location="cpu", weights_only=False)
-    if getattr(module, "ema", None) is not None and method == "pretrain":
-        module.ema.copy_to(module.model)
-    return module.model
