@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import plot_curves, run_jobs, seed_mean, update_docs_table, write_results  # noqa: E402
 
 from lit_distill.callbacks import FIDCallback  # noqa: E402
-from lit_distill.data import ImageDataModule, caption_for  # noqa: E402
+from lit_distill.data import ImageDataModule  # noqa: E402
 from lit_distill.diffusion import sample  # noqa: E402
 from lit_distill.methods import DisBackStudent, NoDistillOneStep  # noqa: E402
 from lit_distill.models import DiffusionModel  # noqa: E402
-from lit_distill.pipeline import ensure_embedded_base  # noqa: E402
+from lit_distill.pipeline import DIGIT_PROMPTS, ensure_embedded_base  # noqa: E402
 
 SYSTEMS = {
     "disback": (DisBackStudent, {"backtracking": True}),
@@ -67,10 +67,10 @@ class TeacherSampler(L.LightningModule):
         self.model, self.num_steps = model, num_steps
 
     @torch.no_grad()
-    def generate_eval_samples(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        captions = [caption_for(i % 10) for i in range(n)]
+    def generate_eval_samples(self, n: int, generator: torch.Generator, prompts=None) -> torch.Tensor:
+        prompts = prompts or [DIGIT_PROMPTS[i % len(DIGIT_PROMPTS)] for i in range(n)]
         z = torch.randn((n,) + self.model.sample_shape, generator=generator).to(self.device)
-        x = sample(self.model, z, self.model.encode_prompts(captions), self.model.schedule, self.num_steps)
+        x = sample(self.model, z, self.model.encode_prompts(list(prompts)), self.model.schedule, self.num_steps)
         return self.model.decode(x)
 
 
@@ -133,7 +133,8 @@ def module_for(args, system: str, seed: int, updates: int):
     ablation = args.ablations.get(system)
     name = ablation["system"] if ablation else system
     cls, kwargs = SYSTEMS[name]
-    kwargs = {**kwargs, "seed": seed, **args.override, **(ablation["settings"] if ablation else {})}
+    kwargs = {**kwargs, "seed": seed, "eval_prompts": DIGIT_PROMPTS, **args.override,
+              **(ablation["settings"] if ablation else {})}
     targets = kwargs.get("num_checkpoints", 4) - 1
     if name == "disback" and targets > 0 and "iterations_per_stage" not in kwargs:
         # the paper's share of the budget on the intermediate targets, the rest on the teacher

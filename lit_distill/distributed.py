@@ -4,8 +4,9 @@ Two strategies, usable from Python or as ``--trainer.strategy`` in a LightningCL
 (``configs/strategies/ddp.yaml``, ``configs/strategies/fsdp.yaml``; docs/scaling.md):
 
 :class:`DiffusionDDPStrategy` (``ddp_strategy()``)
-    Lightning's DDP with ``find_unused_parameters`` chosen from the method when left ``None``: the
-    one-step methods (DisBack, NoDistillOneStep) update two networks in turn, so each backward uses only
+    Lightning's DDP with ``find_unused_parameters`` chosen from the method's class hint when left ``None``
+    (``lit_distill.protocols.DistributedHints``): the one-step methods (DisBack, NoDistillOneStep) update two
+    networks in turn, so each backward uses only
     one of them and DDP must look for unused parameters; TeacherRL, OPDStudent and DiffusionPretrain use
     every trained parameter in every backward and run without the search. Manual optimisation is correct
     under DDP: Lightning's ``manual_backward`` calls the DDP reducer's ``prepare_for_backward`` before
@@ -51,6 +52,8 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Str
 from torch import nn
 from torch.distributed.constants import default_pg_timeout
 
+from .protocols import DistributedHints
+
 log = logging.getLogger(__name__)
 
 #: Class names of the diffusers blocks that become one FSDP unit each (and, with
@@ -62,9 +65,6 @@ DEFAULT_BLOCK_CLASS_NAMES: tuple[str, ...] = (
     "FluxTransformerBlock",        # FLUX double-stream blocks
     "FluxSingleTransformerBlock",  # FLUX single-stream blocks
 )
-
-#: Methods whose backward passes use only part of the trained parameters (two networks updated in turn).
-PARTIAL_BACKWARD_METHODS = ("disback", "nodistill", "one_step")
 
 FrozenRule = Literal["replicate", "shard"]
 
@@ -114,8 +114,9 @@ def fsdp_block_classes(net: nn.Module, block_classes: Optional[Iterable[Union[st
 
 
 def needs_find_unused_parameters(module: nn.Module) -> bool:
-    """True for the one-step methods (each backward uses one of the two trained networks)."""
-    return getattr(module, "method", None) in PARTIAL_BACKWARD_METHODS
+    """The module class's ``ddp_find_unused_parameters`` hint (``lit_distill.protocols.DistributedHints``): True for the
+    one-step methods, whose backward passes each use one of the two trained networks; False without a hint."""
+    return isinstance(module, DistributedHints) and bool(type(module).ddp_find_unused_parameters)
 
 
 # -- DDP --------------------------------------------------------------------------------------------
@@ -134,8 +135,7 @@ class DiffusionDDPStrategy(DDPStrategy):
         fup = self._find_unused
         if fup is None:
             fup = needs_find_unused_parameters(self.lightning_module)
-            log.info("DiffusionDDPStrategy: find_unused_parameters=%s for method %r", fup,
-                     getattr(self.lightning_module, "method", "?"))
+            log.info("DiffusionDDPStrategy: find_unused_parameters=%s for %s", fup, type(self.lightning_module).__name__)
         self._ddp_kwargs["find_unused_parameters"] = fup
         return super()._setup_model(model)
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
+from .data.embedded import caption_for
 from .models.sources import EMBEDDED_BASE, embedded_base_dir
 
 # The three embedded tasks and the reward each is judged by (also in configs/teacher_rl/*.yaml); each task has
@@ -29,6 +30,9 @@ TASK_REWARDS: dict[str, Any] = {
 }
 #: Every prompt scored by the reward of its own task: evaluation, and the joint multi-reward RL baseline
 PER_TASK_REWARD = {"name": "per_task", "rewards": TASK_REWARDS}
+#: class-balanced prompts ("a handwritten zero" .. "a handwritten nine") on which the one-step generators of the
+#: embedded digits are evaluated (their ``eval_prompts``; also in configs/disback and configs/nodistill)
+DIGIT_PROMPTS = [caption_for(digit) for digit in range(10)]
 
 
 def trainer(max_steps: int, out_dir: Optional[Path] = None, callbacks=(), progress: bool = True, **kwargs) -> L.Trainer:
@@ -122,7 +126,8 @@ def fit_stage(module, prompts: Path, eval_prompts: Path, max_steps: int, out: Pa
 
 
 class _Throughput(L.Callback):
-    """Images generated per second of training (rollout samples / time in training steps)."""
+    """Images generated per second of training (``lit_distill.protocols.ImageCounter``: rollout samples / time
+    in training steps)."""
 
     def __init__(self):
         self.images, self.seconds, self._t = 0, 0.0, 0.0
@@ -134,8 +139,7 @@ class _Throughput(L.Callback):
         if module.device.type == "cuda":
             torch.cuda.synchronize(module.device)
         self.seconds += time.perf_counter() - self._t
-        per_prompt = module.hparams.get("group_size") or module.hparams.get("rollouts_per_prompt") or 1
-        self.images += len(batch["prompt"]) * per_prompt
+        self.images += module.images_per_batch(batch)
 
     @property
     def images_per_s(self) -> float:
@@ -213,7 +217,7 @@ def run_one_step(base: Path, cfg: QuickstartConfig, out: Path):
     updates = max(1, (cfg.one_step_steps - recording) // 2)
     module = DisBackStudent(teacher=str(base), num_checkpoints=2, max_recording_updates=recording,
                             recording_patience=max(2, recording // 4), degradation_interval=max(1, recording // 8),
-                            iterations_per_stage=max(1, updates // 10), lr=1e-4)
+                            iterations_per_stage=max(1, updates // 10), lr=1e-4, eval_prompts=DIGIT_PROMPTS)
     fid = FIDCallback(every_n_steps=max(1, cfg.one_step_steps // 2), num_samples=500, cache_dir=cfg.cache_dir)
     data = ImageDataModule("embedded:mnist", resolution=cfg.resolution, batch_size=32, seed=cfg.seed, repeat=50)
     trainer(cfg.one_step_steps, out / "one_step", [fid]).fit(module, data)

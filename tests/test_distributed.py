@@ -248,10 +248,10 @@ def test_ddp_strategy_runs_one_step_methods_in_sync(tmp_path):
 
 def test_ddp_strategy_finds_unused_parameters_only_for_one_step_methods():
     class Fake(torch.nn.Module):
-        method = "disback"
+        ddp_find_unused_parameters = True
 
     assert needs_find_unused_parameters(Fake())
-    Fake.method = "teacher_rl"
+    Fake.ddp_find_unused_parameters = False
     assert not needs_find_unused_parameters(Fake())
 
 

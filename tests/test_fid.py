@@ -112,7 +112,7 @@ class RealPlusNoise(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    def generate_eval_samples(self, n, generator):
+    def generate_eval_samples(self, n, generator, prompts=None):
         index = torch.randint(0, len(self.images), (n,), generator=generator)
         return (self.images[index] + self.level * torch.randn(n, 1, 8, 8, generator=generator)).clamp(-1, 1)
 

@@ -40,7 +40,7 @@ def test_teacher_rl_raises_its_reward():
                        minibatch_size=32, eval_steps=4, lr=3e-4)
 
     def reward():
-        images = module.generate_eval_samples(PROMPTS["prompt"] * 4, torch.Generator().manual_seed(0))
+        images = module.generate_eval_samples(8, torch.Generator().manual_seed(0), PROMPTS["prompt"] * 4)
         return float(module.reward(images, PROMPTS["prompt"] * 4, ["ink"] * 8).mean())
 
     before = reward()

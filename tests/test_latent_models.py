@@ -37,7 +37,7 @@ def test_teacher_rl_with_lora_on_an_sd15_pipeline_dir(tmp_path):
     assert torch.isfinite(trainer.callback_metrics["train/kl_ref"])
     module.export(tmp_path / "teacher")
     assert (tmp_path / "teacher" / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    images = module.generate_eval_samples(["a photo of a cat"], torch.Generator().manual_seed(0))
+    images = module.generate_eval_samples(1, torch.Generator().manual_seed(0), ["a photo of a cat"])
     assert images.shape == (1, 3, 32, 32) and images.abs().max() <= 1
 
     student = OPDStudent(source, {"compress": str(tmp_path / "teacher")}, num_steps=3, noise_level=1.0,

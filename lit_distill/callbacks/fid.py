@@ -11,9 +11,11 @@ images that neither the model, its teacher nor the feature network trained on), 
 ``cache_dir/fid_stats/`` keyed by data source, resolution, channels, feature kind and number of images. Beside
 the samples' distance the callback reports the *floor*: the distance of as many real images of the ``floor``
 part (``val_dataset``, disjoint from the reference) to the same statistics, the best any generator can score
-with that many samples (logged once as ``<name>_floor``). Samples come from the module's hook
-``generate_eval_samples(n, generator) -> [n, C, H, W]`` in [-1, 1] (``generator``: a seeded CPU
-``torch.Generator``, the same seed at every evaluation). Under DDP every rank makes its share of samples and
+with that many samples (logged once as ``<name>_floor``). Samples come from the module's
+``generate_eval_samples(n, generator) -> [n, C, H, W]`` in [-1, 1] (``lit_distill.protocols.EvalSampler``, on its
+``eval_prompts``; ``generator``: a seeded CPU ``torch.Generator``, the same seed at every evaluation), so every
+method works: the many-step models (DiffusionPretrain, TeacherRL, OPDStudent) with their ODE sampler, the
+one-step generators in one step. Under DDP every rank makes its share of samples and
 the feature statistics are summed over ranks (``FeatureStats.all_reduce``): the value is the same everywhere.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..metrics.frechet import FeatureStats
+from ..protocols import EvalSampler, GeneratorUpdates
 from ..utils import default_cache_dir
 
 FEATURE_KINDS = ("classifier", "inception")
@@ -65,8 +68,7 @@ class FIDCallback(L.Callback):
     """Fréchet distance of generated samples to the real data, logged every ``every_n_steps`` global steps.
 
     Args:
-        every_n_steps: evaluate when ``trainer.global_step`` crosses a multiple of this (note: one-step methods
-            make two optimiser steps per batch).
+        every_n_steps: evaluate when ``trainer.global_step`` crosses a multiple of this.
         num_samples: generated images per evaluation (over all ranks).
         features: ``"classifier"``, ``"inception"`` or an ``nn.Module`` images -> ``[B, F]``.
         inception_weights: path of the InceptionV3 weights file (required for ``"inception"``).
@@ -210,9 +212,9 @@ class FIDCallback(L.Callback):
     @torch.no_grad()
     def evaluate(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> float:
         """Generate ``num_samples`` images (split over ranks), return their Fréchet distance to the real set."""
-        if not hasattr(pl_module, "generate_eval_samples"):
-            raise TypeError(f"{type(pl_module).__name__} has no generate_eval_samples(n, generator) method, which "
-                            "FIDCallback uses to draw images in [-1, 1]")
+        if not isinstance(pl_module, EvalSampler):
+            raise TypeError(f"{type(pl_module).__name__} has no generate_eval_samples(n, generator, prompts) method "
+                            "(lit_distill.protocols.EvalSampler), which FIDCallback uses to draw images in [-1, 1]")
         if self.num_samples < trainer.world_size:
             raise ValueError(f"num_samples={self.num_samples} is smaller than the number of ranks {trainer.world_size}")
         real = self.reference_stats(trainer, pl_module.device)
@@ -220,22 +222,16 @@ class FIDCallback(L.Callback):
         local = len(range(trainer.global_rank, self.num_samples, trainer.world_size))
         generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
         stats = FeatureStats()
-        modes = {m: m.training for m in pl_module.modules()}  # restored exactly: frozen parts stay in eval
-        pl_module.eval()
-        try:
-            for start in range(0, local, self.batch_size):
-                images = pl_module.generate_eval_samples(min(self.batch_size, local - start), generator)
-                stats.update(extractor(images.to(pl_module.device)))
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        for start in range(0, local, self.batch_size):  # generate_eval_samples draws in eval mode
+            images = pl_module.generate_eval_samples(min(self.batch_size, local - start), generator)
+            stats.update(extractor(images.to(pl_module.device)))
         stats.all_reduce()
         return stats.distance(real)
 
     def _run(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         value = self.evaluate(trainer, pl_module)
         step = trainer.global_step
-        updates = int(getattr(pl_module, "generator_updates", step))
+        updates = int(pl_module.generator_updates) if isinstance(pl_module, GeneratorUpdates) else step
         self.history.append({"step": step, "generator_updates": updates, self.name: value})
         trainer.callback_metrics[self.name] = torch.tensor(value)
         for logger in trainer.loggers:

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 from ..data.prompts import collate_prompts, read_prompt_file
+from ..protocols import EvalSampler, HasReward
 from ..rewards import build_reward, validate_rewards
 from ..utils.images import make_grid_png
 
@@ -22,14 +23,16 @@ class RewardCallback(L.Callback):
     Args:
         prompts: a prompt file or ``embedded:NAME`` set, or a list of rows (dicts with ``prompt``, ``task``
             and metadata such as ``digit``), e.g. a PromptDataModule's held-out ``val_rows``.
-        reward: a reward spec (see ``lit_distill.rewards.build_reward``); None: the module's ``reward``.
+        reward: a reward spec (see ``lit_distill.rewards.build_reward``); None: the module's own ``reward``
+            (``lit_distill.protocols.HasReward``, e.g. TeacherRL's).
         num_prompts: evaluate the first N rows (None: all).
         samples_per_prompt: images drawn per prompt (more: a less noisy estimate).
         every_n_steps: evaluation period in optimiser steps (0: only at the end).
         seed: seed of the evaluation noise (the same images are drawn each time for the same weights).
         output_dir: where grids and ``best.ckpt`` go (default: the trainer's log dir / ``reward_eval``).
         save_best: write ``best.ckpt`` whenever the mean reward improves.
-    The module must provide ``generate_eval_samples(prompts, generator) -> images in [-1, 1]``.
+    The module must be a ``lit_distill.protocols.EvalSampler`` (every method is: TeacherRL, OPDStudent,
+    DiffusionPretrain and the one-step generators alike); images are drawn for the rows' prompts.
     ``history`` holds ``{"step": k, "reward": mean, "<task>": mean, ...}`` for every evaluation.
     """
 
@@ -53,9 +56,12 @@ class RewardCallback(L.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> dict:
-        reward = self.reward or getattr(module, "reward", None)
+        if not isinstance(module, EvalSampler):
+            raise TypeError(f"RewardCallback: {type(module).__name__} has no generate_eval_samples(n, generator, "
+                            "prompts) (lit_distill.protocols.EvalSampler)")
+        reward = self.reward or (module.reward if isinstance(module, HasReward) else None)
         if reward is None:
-            raise ValueError("RewardCallback needs `reward`: this module has no reward of its own "
+            raise ValueError(f"RewardCallback needs `reward`: {type(module).__name__} has no reward of its own "
                              "(e.g. OPDStudent); pass reward: {name: per_task, rewards: {...}}")
         reward.to(module.device)
         generator = torch.Generator(module.device).manual_seed(self.seed)
@@ -64,7 +70,7 @@ class RewardCallback(L.Callback):
             batch = collate_prompts(self.rows[start:start + self.batch_size])
             meta = {k: (v.to(module.device) if isinstance(v, torch.Tensor) else v)
                     for k, v in batch.items() if k not in ("prompt", "task")}
-            x = module.generate_eval_samples(batch["prompt"], generator)
+            x = module.generate_eval_samples(len(batch["prompt"]), generator, batch["prompt"])
             scores.append(validate_rewards(reward(x, batch["prompt"], batch["task"], **meta), x.shape[0],
                                            getattr(reward, "name", "reward")))
             images.append(x.cpu())

@@ -1,11 +1,13 @@
 """What every lit_distill LightningModule shares: optimiser building, device checks, non-finite
-losses, checkpoint identity. Methods subclass :class:`DistillModule` and stay glue."""
+losses, the per-step random generator, evaluation prompts, export, checkpoint identity. Methods subclass
+:class:`DistillModule` and stay glue; it implements the protocols of ``lit_distill.protocols`` that callbacks,
+strategies and the pipeline read."""
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar, Iterable, Iterator, Literal
+from typing import Any, ClassVar, Iterable, Iterator, Literal, Optional, Sequence
 
 import lightning as L
 import torch
@@ -44,6 +46,8 @@ class DistillModule(L.LightningModule):
                         "built for that value"),
         **dict.fromkeys(("backtracking", "num_checkpoints"), "the recorded degradation path depends on it"),
     }
+    #: ``lit_distill.protocols.DistributedHints``: True where a backward may leave trained parameters unused.
+    ddp_find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, *, lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  nan_policy: NanPolicy = "raise", compile: bool = False, gradient_checkpointing: bool = False):
@@ -53,6 +57,29 @@ class DistillModule(L.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.nan_policy, self.compile_denoiser, self.gradient_checkpointing = nan_policy, compile, gradient_checkpointing
         self.nonfinite_skipped = 0
+        self.seed = 0
+        self.eval_prompts: Optional[list[str]] = None  # prompts cycled by generate_eval_samples
+
+    # -- randomness and evaluation ---------------------------------------------------------------
+    def step_generator(self, device: Optional[torch.device | str] = None) -> torch.Generator:
+        """A generator for this training step's randomness (on ``device``, default the module's): a pure function
+        of (seed, global step, rank), so a resumed run draws exactly what an uninterrupted one would."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return torch.Generator(device or self.device).manual_seed(self.seed + self.global_step * 1009 + rank)
+
+    def eval_prompts_for(self, n: int, prompts: Optional[Sequence[str]] = None) -> list[str]:
+        """The prompts of ``n`` evaluation images: ``prompts`` (checked to be ``n``), else ``eval_prompts`` cycled
+        to ``n``, else the empty prompt (for a model without text encoder the prompts are not used)."""
+        if prompts is not None:
+            if isinstance(prompts, str) or len(prompts) != n:
+                raise ValueError(f"prompts: give a list of n={n} prompts, one per image (got {prompts!r:.80})")
+            return list(prompts)
+        pool = list(self.eval_prompts or [""])
+        return [pool[i % len(pool)] for i in range(n)]
+
+    def images_per_batch(self, batch: dict[str, Any]) -> int:
+        """``lit_distill.protocols.ImageCounter``: images generated for ``batch`` in one training step."""
+        raise NotImplementedError(f"{type(self).__name__} does not define images_per_batch()")
 
     # -- building blocks ---------------------------------------------------------------------
     def make_optimizer(self, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:

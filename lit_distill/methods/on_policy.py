@@ -14,10 +14,11 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..diffusion import Trajectory, guided_prediction, noise_levels, rollout
+from ..diffusion import Trajectory, guided_prediction, noise_levels, rollout, sample
 from ..diffusion.schedules import SamplingGrid
 from ..models.diffusion_model import DiffusionModel
 from ..models.lora import add_lora, merge_lora, save_lora
+from ..utils import eval_mode
 from .base import DistillModule, check_at_least_one
 from .checkpoints import load_source
 
@@ -54,11 +55,13 @@ class OnPolicyModule(DistillModule):
         eval_steps: ODE steps of evaluation samples (``generate_eval_samples``).
         seed: base seed of rollout noise; step ``k`` on rank ``r`` draws from ``seed + k * 1009 + r``,
             so a resumed run draws the same noise as an uninterrupted one.
+        eval_prompts: prompts cycled by ``generate_eval_samples`` when the caller gives none.
     """
 
     def __init__(self, model: str, model_kwargs: Optional[dict], *, lora_rank: int, num_steps: int,
                  noise_level: float, sde_steps: Optional[Sequence[int]], guidance_scale: float,
-                 eval_steps: int, seed: int, timestep_fraction: float = 1.0, **base: Any):
+                 eval_steps: int, seed: int, timestep_fraction: float = 1.0,
+                 eval_prompts: Optional[list[str]] = None, **base: Any):
         super().__init__(**base)
         check_at_least_one(num_steps=num_steps, eval_steps=eval_steps)
         if not 0 < timestep_fraction <= 1 or int(num_steps * timestep_fraction) < 1:
@@ -72,6 +75,7 @@ class OnPolicyModule(DistillModule):
             self.model.net.requires_grad_(True)
         self.prepare_network(self.model.net)
         self.num_steps, self.guidance_scale, self.eval_steps, self.seed = num_steps, guidance_scale, eval_steps, seed
+        self.eval_prompts = eval_prompts
         self.levels = noise_levels(num_steps, noise_level, sde_steps)
         grid = self.model.schedule.grid(num_steps)
         # host copy of each step's kernel std: which steps have a density, known without a device sync
@@ -97,22 +101,14 @@ class OnPolicyModule(DistillModule):
         uncond = self.model.null_cond(len(prompts)) if self.guidance_scale != 1.0 else None
         return cond, uncond
 
-    def rollout_generator(self, device: Optional[torch.device] = None) -> torch.Generator:
-        """A generator for this step's randomness, a pure function of (seed, step, rank)."""
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        return torch.Generator(device or self.device).manual_seed(self.seed + self.global_step * 1009 + rank)
-
     @torch.no_grad()
     def sample_trajectories(self, model: DiffusionModel, cond, uncond, batch_size: int,
                             generator: torch.Generator) -> Trajectory:
         """SDE rollouts of ``model`` in eval mode under ``torch.no_grad``."""
-        was_training = model.training
-        model.eval()
         noise = torch.randn((batch_size,) + model.sample_shape, generator=generator, device=self.device)
-        traj = rollout(model, noise, cond, model.schedule, self.grid(), noise_level=self.levels,
-                       generator=generator, guidance_scale=self.guidance_scale, uncond=uncond, store_means=False)
-        model.train(was_training)
-        return traj
+        with eval_mode(model):
+            return rollout(model, noise, cond, model.schedule, self.grid(), noise_level=self.levels,
+                           generator=generator, guidance_scale=self.guidance_scale, uncond=uncond, store_means=False)
 
     def kernel(self, model: DiffusionModel, traj: Trajectory, rows: Tensor, steps: Tensor,
                cond: Optional[dict], uncond: Optional[dict],
@@ -146,20 +142,19 @@ class OnPolicyModule(DistillModule):
         rows = torch.arange(batch).repeat_interleave(k)
         return rows, chosen.flatten()
 
-    # -- evaluation hook used by callbacks ---------------------------------------------------------
+    # -- evaluation, export --------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_eval_samples(self, prompts: Sequence[str], generator: torch.Generator) -> Tensor:
-        """Images ``[B, C, H, W]`` in [-1, 1] for ``prompts``: ODE sampler, ``eval_steps`` steps."""
-        from ..diffusion import sample
-
-        was_training = self.model.training
-        self.model.eval()
-        cond, uncond = self.encode(prompts)
-        noise = torch.randn((len(prompts),) + self.model.sample_shape, generator=generator, device=self.device)
-        x = sample(self.model, noise, cond, self.model.schedule, self.eval_steps,
-                   guidance_scale=self.guidance_scale, uncond=uncond)
-        self.model.train(was_training)
-        return self.model.decode(x)
+    def generate_eval_samples(self, n: int, generator: torch.Generator,
+                              prompts: Optional[Sequence[str]] = None) -> Tensor:
+        """``lit_distill.protocols.EvalSampler``: ``n`` images in [-1, 1] from the ODE sampler with ``eval_steps``
+        steps (and the rollouts' guidance scale)."""
+        prompts = self.eval_prompts_for(n, prompts)
+        noise = torch.randn((n,) + self.model.sample_shape, generator=generator, device=generator.device)
+        with eval_mode(self.model):
+            cond, uncond = self.encode(prompts)
+            x = sample(self.model, noise.to(self.device), cond, self.model.schedule, self.eval_steps,
+                       guidance_scale=self.guidance_scale, uncond=uncond)
+            return self.model.decode(x)
 
     @contextmanager
     def exported_model(self) -> Iterator[DiffusionModel]:
@@ -179,6 +174,10 @@ class OnPolicyModule(DistillModule):
         if self.hparams.get("lora_rank", 0) > 0:
             save_lora(self.model.net, path / "lora")  # after save_pretrained, which replaces the directory
         return path
+
+    def images_per_batch(self, batch: dict[str, Any]) -> int:
+        """Rollouts of one training step: prompts x rollouts per prompt."""
+        return len(batch["prompt"]) * self.rollouts_per_prompt
 
     def configure_optimizers(self):
         return self.make_optimizer(self.model.net.parameters())

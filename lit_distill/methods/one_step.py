@@ -27,28 +27,15 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..data.embedded import caption_for
 from ..diffusion import OneStepGenerator, expand_like
 from ..losses.score_distillation import WEIGHTINGS, score_weight
 from ..models.diffusion_model import DiffusionModel
 from ..models.ema import EMA
+from ..utils import eval_mode
 from .base import DistillModule, check_positive, module_args
 from .checkpoints import load_source
 
 INITS = ("teacher", "random")
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """``module.eval()`` inside the block; every submodule's own mode is restored on exit (shared, frozen
-    parts such as the text encoder stay in eval mode)."""
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def reinitialize(net: nn.Module, seed: int = 0) -> nn.Module:
@@ -96,21 +83,22 @@ class OneStepModule(DistillModule, abc.ABC):
         weighting: ``w(t)``, one of ``losses.score_distillation.WEIGHTINGS`` (see :meth:`weight`).
         max_grad_norm: clip each network's gradient norm (None: no clipping).
         ema_decay: EMA of the generator; evaluation, ``sample`` and ``export_generator`` use the EMA weights.
-        eval_captions: prompts cycled by ``generate_eval_samples`` (default: "a handwritten <digit>" for 0..9
-            when the model has a text encoder).
+        eval_prompts: prompts cycled by ``generate_eval_samples`` when the caller gives none (default: the empty
+            prompt).
         seed: seed of random initialisations.
     Batches: ``{"caption": list[str], ...}`` (``ImageDataModule``) or ``{"prompt": list[str], ...}``
     (``PromptDataModule``); NoDistillOneStep also needs ``"image"``.
     """
 
     method = "one_step"
+    ddp_find_unused_parameters = True  # each backward trains one of the two networks
 
     def __init__(self, teacher: str | DiffusionModel = "embedded:base", teacher_kwargs: Optional[dict] = None, *,
                  generator_init: str = "teacher", t_star: Optional[float] = None, lr: float = 3e-5,
                  aux_lr: Optional[float] = None, weight_decay: float = 0.0, betas: tuple[float, float] = (0.0, 0.999),
                  aux_updates_per_generator_update: int = 1,
                  t_min: float = 0.02, t_max: float = 0.98, weighting: str = "x0", max_grad_norm: Optional[float] = 10.0,
-                 ema_decay: float = 0.99, eval_captions: Optional[list[str]] = None, seed: int = 0,
+                 ema_decay: float = 0.99, eval_prompts: Optional[list[str]] = None, seed: int = 0,
                  nan_policy: str = "raise", compile: bool = False, gradient_checkpointing: bool = False):
         super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, nan_policy=nan_policy, compile=compile,
                          gradient_checkpointing=gradient_checkpointing)
@@ -125,7 +113,7 @@ class OneStepModule(DistillModule, abc.ABC):
         check_positive(lr=lr, **({} if aux_lr is None else {"aux_lr": aux_lr}))
         self.aux_lr, self.ratio = aux_lr or lr, int(aux_updates_per_generator_update)
         self.t_min, self.t_max, self.weighting, self.max_grad_norm = t_min, t_max, weighting, max_grad_norm
-        self.seed, self.eval_captions = seed, eval_captions
+        self.seed, self.eval_prompts = seed, eval_prompts
 
         teacher_model = load_source(teacher, **(teacher_kwargs or {})).freeze_()
         denoiser = trainable_copy(teacher_model, generator_init, seed)
@@ -273,31 +261,24 @@ class OneStepModule(DistillModule, abc.ABC):
         self.auxiliary_updates = int(counters.get("auxiliary", 0))
 
     # -- evaluation and export ---------------------------------------------------------------------
-    def default_captions(self, n: int) -> Optional[list[str]]:
-        """``eval_captions`` cycled to ``n``; else class-balanced digit captions; None without a text encoder."""
-        if not self.model.has_text:
-            return None
-        if self.eval_captions:
-            return [self.eval_captions[i % len(self.eval_captions)] for i in range(n)]
-        return [caption_for(i % 10, 0) for i in range(n)]
-
     @torch.no_grad()
-    def sample(self, n: int, captions: Optional[Sequence[str]] = None, generator: torch.Generator | None = None,
+    def sample(self, n: int, prompts: Optional[Sequence[str]] = None, generator: torch.Generator | None = None,
                use_ema: bool = True) -> Tensor:
-        """Images ``[n, C, H, W]`` in ``[-1, 1]`` from the (EMA) generator; ``captions`` default to
-        :meth:`default_captions`; ``generator`` (a CPU ``torch.Generator``) makes the noise reproducible."""
-        captions = list(captions) if captions is not None else self.default_captions(n)
-        if captions is not None and len(captions) != n:
-            raise ValueError(f"captions: got {len(captions)} for n={n} samples")
+        """Images ``[n, C, H, W]`` in ``[-1, 1]`` from the (EMA) generator in eval mode; ``prompts`` as in
+        :meth:`eval_prompts_for`; ``generator`` (on any device) makes the noise reproducible."""
         z = self.latents(n, generator)
-        cond = self.encode(captions) if captions is not None else None
+        cond = self.encode(self.eval_prompts_for(n, prompts))
         with self.ema.swap(self.generator) if use_ema else nullcontext(), eval_mode(self.generator):
-            x0 = self.generator(z, cond)
-        return self.model.decode(x0)
+            return self.model.decode(self.generator(z, cond))
 
-    def generate_eval_samples(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """The evaluation hook of ``FIDCallback``: ``n`` EMA samples in ``[-1, 1]`` on default captions."""
-        return self.sample(n, generator=generator)
+    def generate_eval_samples(self, n: int, generator: torch.Generator,
+                              prompts: Optional[Sequence[str]] = None) -> Tensor:
+        """``lit_distill.protocols.EvalSampler``: ``n`` one-step EMA samples in ``[-1, 1]``."""
+        return self.sample(n, prompts, generator)
+
+    def images_per_batch(self, batch: dict) -> int:
+        """Generator samples per step for the generator's loss."""
+        return len(self.captions_of(batch))
 
     @contextmanager
     def exported_model(self) -> Iterator[DiffusionModel]:

@@ -10,6 +10,7 @@ from torch import Tensor
 from ..diffusion import Trajectory
 from ..losses import per_step_kl
 from ..models.diffusion_model import DiffusionModel
+from ..protocols import PromptSource
 from .base import check_at_least_one, module_args
 from .checkpoints import load_source
 from .on_policy import OnPolicyModule
@@ -95,6 +96,7 @@ class OPDStudent(OnPolicyModule):
         self.teacher_guidance = {name: float((teacher_guidance or {}).get(name, guidance_scale)) for name in self.teachers}
         self.cfg = dict(rollouts_per_prompt=rollouts_per_prompt, steps_per_sample=steps_per_sample,
                         minibatch_size=minibatch_size, ode_weight=ode_weight, max_grad_norm=max_grad_norm)
+        self.rollouts_per_prompt = rollouts_per_prompt
         self.kl_scale = 1.0 if kl_reduction == "sum" else 1.0 / torch.Size(self.model.sample_shape).numel()
 
     # -- seams ----------------------------------------------------------------------------------
@@ -126,10 +128,8 @@ class OPDStudent(OnPolicyModule):
     def on_fit_start(self) -> None:
         for teacher in self.teachers.values():
             teacher.to(self.device)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        tasks = getattr(datamodule, "tasks_present", None)
-        if tasks:
-            self.check_tasks(tasks)
+        if isinstance(self.trainer.datamodule, PromptSource):
+            self.check_tasks(self.trainer.datamodule.tasks_present)
 
     def teacher_means(self, traj: Trajectory, rows: Tensor, steps: Tensor, prompts: Sequence[str],
                       tasks: Sequence[str]) -> Tensor:
@@ -154,8 +154,8 @@ class OPDStudent(OnPolicyModule):
         prompts = [p for p in batch["prompt"] for _ in range(repeat)]
         tasks = [t for t in batch["task"] for _ in range(repeat)]
         cond, uncond = self.encode(prompts)
-        traj = self.sample_trajectories(self.model, cond, uncond, len(prompts), self.rollout_generator())
-        cpu_gen = self.rollout_generator(torch.device("cpu"))
+        traj = self.sample_trajectories(self.model, cond, uncond, len(prompts), self.step_generator())
+        cpu_gen = self.step_generator(torch.device("cpu"))
         rows, steps = self.training_pairs(traj, cfg["steps_per_sample"], cpu_gen, stochastic_only=False)
         opt, losses = self.optimizers(), defaultdict(list)
         for chunk in torch.randperm(len(rows), generator=cpu_gen).split(cfg["minibatch_size"]):

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
+from ..diffusion import sample
 from ..losses import denoising_loss
 from ..models.diffusion_model import DiffusionModel
 from ..models.ema import EMA
+from ..utils import eval_mode
 from ..utils.images import check_images
 from .base import DistillModule, module_args
 from .checkpoints import load_source
@@ -26,6 +28,8 @@ class DiffusionPretrain(DistillModule):
         caption_dropout: probability of training on the empty prompt (enables classifier-free guidance).
         train_text_encoder: also train the prompt encoder (the embedded one starts from random weights).
         ema_decay: EMA of the trained weights; the EMA weights are evaluated and exported.
+        eval_steps: ODE steps of ``generate_eval_samples`` (FID and reward callbacks, grids).
+        eval_prompts: prompts cycled by ``generate_eval_samples`` when the caller gives none.
     Batches: ``{"image": [B, C, H, W] in [-1, 1], "caption": list[str], ...}`` (``ImageDataModule``).
     """
 
@@ -34,7 +38,8 @@ class DiffusionPretrain(DistillModule):
     def __init__(self, model: str = "embedded", model_kwargs: Optional[dict] = None, *, lr: float = 1e-3,
                  weight_decay: float = 0.0, caption_dropout: float = 0.1, train_text_encoder: bool = True,
                  ema_decay: float = 0.999, nan_policy: str = "raise",
-                 compile: bool = False, gradient_checkpointing: bool = False, seed: int = 0):
+                 compile: bool = False, gradient_checkpointing: bool = False, seed: int = 0, eval_steps: int = 20,
+                 eval_prompts: Optional[list[str]] = None):
         super().__init__(lr=lr, weight_decay=weight_decay, nan_policy=nan_policy, compile=compile,
                          gradient_checkpointing=gradient_checkpointing)
         self.save_hyperparameters(ignore=module_args(model=model))
@@ -46,16 +51,10 @@ class DiffusionPretrain(DistillModule):
             self.model.text_encoder.requires_grad_(train_text_encoder)
         self.ema = EMA(self.model, decay=ema_decay)
         self.caption_dropout = caption_dropout
-        self.seed = seed
+        self.seed, self.eval_steps, self.eval_prompts = seed, eval_steps, eval_prompts
 
     def setup(self, stage: str) -> None:
         self.maybe_compile(self.model.net)
-
-    def step_generator(self, device=None) -> torch.Generator:
-        """This step's randomness (times, noise, caption dropout): a pure function of (seed, step, rank), so a
-        resumed run draws exactly what an uninterrupted one would."""
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        return torch.Generator(device or self.device).manual_seed(self.seed + self.global_step * 1009 + rank)
 
     def _loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         images = batch["image"]
@@ -88,6 +87,21 @@ class DiffusionPretrain(DistillModule):
 
     def configure_optimizers(self):
         return self.make_optimizer(self.model.parameters())
+
+    def images_per_batch(self, batch: dict) -> int:
+        """Images trained on per step (pretraining generates none)."""
+        return len(batch["image"])
+
+    @torch.no_grad()
+    def generate_eval_samples(self, n: int, generator: torch.Generator,
+                              prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """``lit_distill.protocols.EvalSampler``: ``n`` images in [-1, 1] from the EMA weights, ODE sampler with
+        ``eval_steps`` steps."""
+        noise = torch.randn((n,) + self.model.sample_shape, generator=generator, device=generator.device)
+        with self.ema.swap(self.model), eval_mode(self.model):
+            cond = self.model.encode_prompts(self.eval_prompts_for(n, prompts))
+            x = sample(self.model, noise.to(self.device), cond, self.model.schedule, self.eval_steps)
+            return self.model.decode(x)
 
     @contextmanager
     def exported_model(self) -> Iterator[DiffusionModel]:

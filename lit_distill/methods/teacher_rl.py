@@ -12,6 +12,7 @@ from ..diffusion import gaussian_kl, gaussian_log_prob
 from ..losses import RunningNormalizer, group_advantages, ppo_clip_loss
 from ..models.lora import lora_disabled
 from ..rewards import NonFiniteRewardError, build_reward, validate_rewards
+from ..protocols import PromptSource
 from .base import check_at_least_one, module_args
 from .on_policy import OnPolicyModule, metadata_of, repeat_rows
 
@@ -80,6 +81,7 @@ class TeacherRL(OnPolicyModule):
         self.cfg = dict(group_size=group_size, adv_clip=adv_clip, steps_per_sample=steps_per_sample,
                         inner_epochs=inner_epochs, minibatch_size=minibatch_size, clip_range=clip_range,
                         kl_weight=kl_weight, reference=reference, max_grad_norm=max_grad_norm)
+        self.rollouts_per_prompt = group_size
         self.logprob_scale = 1.0 if logprob_reduction == "sum" else 1.0 / torch.Size(self.model.sample_shape).numel()
 
     # -- seams ----------------------------------------------------------------------------------
@@ -112,10 +114,9 @@ class TeacherRL(OnPolicyModule):
                                  f"on one row per task, e.g. {sample[0]}): {e}") from e
 
     def on_fit_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        rows = getattr(datamodule, "train_rows", None)
-        if rows:
-            self.check_reward_inputs(rows, repr(getattr(datamodule, "train", "the training prompts")))
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, PromptSource) and datamodule.train_rows:
+            self.check_reward_inputs(datamodule.train_rows, repr(datamodule.train))
 
     def advantages(self, rewards: Tensor) -> Tensor:
         """Group-relative (GRPO) or running-normalised (DDPO) advantages ``[B]``. The running statistics
@@ -142,13 +143,13 @@ class TeacherRL(OnPolicyModule):
         group = repeat_rows(batch, cfg["group_size"])
         n = len(group["prompt"])
         cond, uncond = self.encode(group["prompt"])
-        traj = self.sample_trajectories(self.model, cond, uncond, n, self.rollout_generator())
+        traj = self.sample_trajectories(self.model, cond, uncond, n, self.step_generator())
         with torch.no_grad():
             rewards = self.compute_rewards(self.model.decode(traj.sample), group)
         if not self.check_finite("reward", rewards):
             return
         adv = self.advantages(rewards)
-        cpu_gen = self.rollout_generator(torch.device("cpu"))
+        cpu_gen = self.step_generator(torch.device("cpu"))
         rows, steps = (t.to(self.device) for t in self.training_pairs(traj, cfg["steps_per_sample"], cpu_gen))
         old_log_probs = traj.log_probs[rows, steps]
         stats = defaultdict(list)

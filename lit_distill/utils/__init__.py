@@ -1,12 +1,13 @@
-"""Small helpers shared by every part of lit_distill: image conversions and the cache directory."""
+"""Small helpers shared by every part of lit_distill: image conversions, the cache directory, eval mode."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 from lit_distill.utils.images import check_images, from_unit, make_grid_png, to_uint8, to_unit
+from lit_distill.utils.modules import eval_mode
 
-__all__ = ["check_images", "default_cache_dir", "from_unit", "make_grid_png", "to_uint8", "to_unit"]
+__all__ = ["check_images", "default_cache_dir", "eval_mode", "from_unit", "make_grid_png", "to_uint8", "to_unit"]
 
 
 def default_cache_dir() -> Path:
