@@ -73,7 +73,8 @@ def prompt_files(name: str, out: Path) -> dict[str, Path]:
 
 def evaluate(model: str, task: str, files: dict, out: Path, name: str) -> dict:
     """Rewards of ``model`` on the held-out prompts (a TeacherRL fit of one step at a negligible rate)."""
-    module = TeacherRL(model, TASK_REWARDS[task], num_steps=10, group_size=8, lr=1e-12, seed=0)
+    module = TeacherRL(model, TASK_REWARDS[task], sampling={"num_steps": 10, "rollouts_per_prompt": 8},
+                       optim={"lr": 1e-12}, runtime={"seed": 0})
     history, _, _ = fit_stage(module, files["eval"], files["eval"], 1, out, name, 4, progress=False)
     return rewards_of(history[0])
 
@@ -84,14 +85,15 @@ def measure(args) -> dict:
     shipped_train, _ = prompt_rows("shipped")
     for task in TASKS:
         task_file = write_prompt_file(work / f"{task}.jsonl", [r for r in shipped_train if r["task"] == task])
-        module = TeacherRL(base, TASK_REWARDS[task], num_steps=10, group_size=8, lr=1e-4, minibatch_size=64, seed=0)
+        module = TeacherRL(base, TASK_REWARDS[task], sampling={"num_steps": 10, "rollouts_per_prompt": 8},
+                           updates={"minibatch_size": 64}, optim={"lr": 1e-4}, runtime={"seed": 0})
         fit_stage(module, task_file, files["eval"], args.steps, work, f"teacher_{task}", 4, progress=False)
         teachers[task] = str(work / f"teacher_{task}" / "model")
     results = {}
     for name, sets in PROMPT_SETS.items():
         files = prompt_files(name, work)
-        student = OPDStudent(base, {t: teachers[t] for t in sets}, num_steps=10, rollouts_per_prompt=8, lr=1e-4,
-                             seed=0)
+        student = OPDStudent(base, {t: teachers[t] for t in sets}, sampling={"num_steps": 10, "rollouts_per_prompt": 8},
+                             optim={"lr": 1e-4}, runtime={"seed": 0})
         history, seconds, _ = fit_stage(student, files["train"], files["eval"], args.steps, work, f"opd_{name}", 4,
                                         progress=False)
         entry = {"base": rewards_of(history[0]), "opd": rewards_of(history[-1]), "seconds": round(seconds, 1),

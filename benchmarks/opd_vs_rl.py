@@ -28,7 +28,7 @@ from lit_distill.pipeline import PER_TASK_REWARD, TASK_REWARDS, fit_stage, rewar
 
 #: OPDStudent settings of the main row (its defaults): DiffusionOPD's timestep_fraction 0.99 (the last of 10 steps
 #: left out) and mean matching on every step
-OPD_SETTINGS = {"timestep_fraction": 0.99, "step_weighting": "mean"}
+OPD_SETTINGS = {"updates": {"timestep_fraction": 0.99}, "distill": {"step_weighting": "mean"}}
 
 
 def parse(argv=None):
@@ -40,11 +40,11 @@ def parse(argv=None):
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--systems", nargs="+", default=["opd", "multi_reward_rl", "cascade_rl"])
     p.add_argument("--opd", type=json.loads, default=OPD_SETTINGS, help="OPDStudent keywords of the main row (JSON)")
-    p.add_argument("--ablations", type=json.loads, default={}, help='OPD variants, e.g. \'{"kl": {"step_weighting": "kl"}}\'')
+    p.add_argument("--ablations", type=json.loads, default={}, help='OPD variants, e.g. \'{"kl": {"distill": {"step_weighting": "kl"}}}\'')
     p.add_argument("--work", default="runs/bench")
     p.add_argument("--teachers", default="benchmarks/results/teacher_rl.json")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--rollouts-per-prompt", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--num-steps", type=int, default=10)
     p.add_argument("--eval-samples", type=int, default=8)
@@ -76,20 +76,21 @@ def run_unit(args, seed: int, system: str) -> dict:
     tasks, base = list(prior["tasks"]), prior["base_model"]
     work = Path(args.work) / f"seed{seed}"
     prompts = split_prompts(work / system, tasks)
-    common = dict(num_steps=args.num_steps, lr=args.lr, seed=seed)
+    common = dict(sampling={"num_steps": args.num_steps, "rollouts_per_prompt": args.group_size},
+                  optim={"lr": args.lr}, runtime={"seed": seed})
     fit = dict(batch_size=args.prompts_per_step, progress=False, samples_per_prompt=args.eval_samples, seed=seed)
     if system == "opd" or system.startswith("opd["):
-        settings = {**args.opd, **args.ablations.get(system[4:-1], {})} if system != "opd" else args.opd
-        student = OPDStudent(base, prior["models"][str(seed)], rollouts_per_prompt=args.group_size,
-                             minibatch_size=64, **common, **settings)
+        settings = {**args.opd, **args.ablations.get(system[4:-1], {})} if system != "opd" else dict(args.opd)
+        updates = {"minibatch_size": 64, **settings.pop("updates", {})}
+        student = OPDStudent(base, prior["models"][str(seed)], updates=updates, **common, **settings)
         history, seconds, _ = fit_stage(student, prompts["multitask"], prompts["eval"], steps, work, system, **fit)
     elif system == "multi_reward_rl":
-        student = TeacherRL(base, PER_TASK_REWARD, group_size=args.group_size, minibatch_size=64, **common)
+        student = TeacherRL(base, PER_TASK_REWARD, updates={"minibatch_size": 64}, **common)
         history, seconds, _ = fit_stage(student, prompts["multitask"], prompts["eval"], steps, work, system, **fit)
     elif system == "cascade_rl":
         model, seconds = base, 0.0
         for i, t in enumerate(tasks):
-            stage = TeacherRL(model, TASK_REWARDS[t], group_size=args.group_size, minibatch_size=64, **common)
+            stage = TeacherRL(model, TASK_REWARDS[t], updates={"minibatch_size": 64}, **common)
             share = steps // len(tasks) + (1 if i < steps % len(tasks) else 0)
             history, sec, _ = fit_stage(stage, prompts[t], prompts["eval"], share, work, f"cascade_{i}_{t}", **fit)
             model, seconds = str(work / f"cascade_{i}_{t}" / "model"), seconds + sec

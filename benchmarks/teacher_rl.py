@@ -30,7 +30,7 @@ def parse(argv=None):
     p.add_argument("--work", default="runs/bench", help="where teachers, prompts and logs go")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--rollouts-per-prompt", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--num-steps", type=int, default=10)
     p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out prompt at each evaluation")
@@ -53,8 +53,9 @@ def train_teacher(args, seed: int, task: str) -> dict:
     work = Path(args.work)
     base = ensure_embedded_base(cache_dir=args.cache_dir)
     prompts = split_prompts(work / f"seed{seed}" / task, list(TASK_REWARDS))
-    module = TeacherRL(str(base), TASK_REWARDS[task], num_steps=args.num_steps, group_size=args.group_size,
-                       lr=args.lr, minibatch_size=64, seed=seed)
+    module = TeacherRL(str(base), TASK_REWARDS[task],
+                       sampling={"num_steps": args.num_steps, "rollouts_per_prompt": args.group_size},
+                       updates={"minibatch_size": 64}, optim={"lr": args.lr}, runtime={"seed": seed})
     history, seconds, images_per_s = fit_stage(module, prompts[task], prompts["eval"], steps, work / f"seed{seed}",
                                                f"teacher_{task}", args.prompts_per_step,
                                                every_n_steps=max(1, steps // 6), progress=False,

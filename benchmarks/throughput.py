@@ -217,14 +217,16 @@ def stub_model(spec: Spec, device, seed: int = 0) -> StubCondModel:
 # -- the modules -----------------------------------------------------------------------------------
 def build_module(method: str, spec: Spec, device, *, gradient_checkpointing: bool, compile: bool, tiny: bool):
     """The LightningModule of ``method`` on a stub-conditioned random model of ``spec``."""
-    common = dict(compile=compile, gradient_checkpointing=gradient_checkpointing, seed=0)
+    runtime = dict(compile=compile, gradient_checkpointing=gradient_checkpointing, seed=0)
+    common = dict(runtime=runtime)
     model = stub_model(spec, device)
+    sampling = {"num_steps": spec.num_steps, "noise_level": spec.noise_level, "rollouts_per_prompt": spec.group}
     if method == "teacher_rl":
         from lit_distill.methods.teacher_rl import TeacherRL
 
-        return TeacherRL(model, "brightness", num_steps=spec.num_steps, noise_level=spec.noise_level,
-                         group_size=spec.group, minibatch_size=spec.minibatch, steps_per_sample=None,
-                         logprob_reduction="mean", kl_weight=0.0, lr=1e-5, **common)
+        return TeacherRL(model, "brightness", sampling=sampling, policy={"kl_weight": 0.0}, optim={"lr": 1e-5},
+                         updates={"minibatch_size": spec.minibatch, "steps_per_sample": None, "reduction": "mean"},
+                         **common)
     if method == "opd":
         from lit_distill.methods.opd import OPDStudent
 
@@ -232,9 +234,9 @@ def build_module(method: str, spec: Spec, device, *, gradient_checkpointing: boo
         # save_hyperparameters (a full extra copy on the GPU): pass meta-device placeholders of the same spec
         # (cheap to copy, same schedule and sample shape for the compatibility check), then swap in bf16 copies.
         placeholder = stub_model(spec, "meta")
-        module = OPDStudent(model, {"a": placeholder, "b": placeholder}, rollouts_per_prompt=spec.group,
-                            minibatch_size=spec.minibatch, steps_per_sample=None, num_steps=spec.num_steps,
-                            noise_level=spec.noise_level, kl_reduction="mean", lr=1e-5, **common)
+        module = OPDStudent(model, {"a": placeholder, "b": placeholder}, sampling=sampling, optim={"lr": 1e-5},
+                            updates={"minibatch_size": spec.minibatch, "steps_per_sample": None, "reduction": "mean"},
+                            **common)
         dtype = None if tiny else torch.bfloat16
         module.teachers = {name: model.copy_frozen(dtype) for name in ("a", "b")}
         return module
@@ -252,13 +254,13 @@ def build_module(method: str, spec: Spec, device, *, gradient_checkpointing: boo
     if method == "pretrain":
         from lit_distill.methods.pretrain import DiffusionPretrain
 
-        return DiffusionPretrain(model, lr=1e-5, caption_dropout=0.0, **common)
+        return DiffusionPretrain(model, optim={"lr": 1e-5}, prompt_dropout=0.0, **common)
     raise ValueError(f"method={method!r}: choose from {ALL_METHODS}")
 
 
 def make_loader(method: str, spec: Spec, batches: int, world: int = 1):
     """A dataloader of ``batches`` batches per rank: prompt batches for TeacherRL / OPD (tasks alternate
-    between OPD's two teachers), caption + image batches for the others."""
+    between OPD's two teachers), prompt + image batches for the others."""
     if method in RL_METHODS:
         rows = [{"prompt": f"prompt {i}", "task": "ab"[i % 2]} for i in range(spec.prompts * batches * world)]
         collate = lambda rs: {"prompt": [r["prompt"] for r in rs], "task": [r["task"] for r in rs]}  # noqa: E731
@@ -270,7 +272,7 @@ def make_loader(method: str, spec: Spec, batches: int, world: int = 1):
         def collate(rs):
             gen = torch.Generator().manual_seed(int(rs[0]))
             return {"image": torch.rand((len(rs),) + shape, generator=gen) * 2 - 1,
-                    "caption": [f"caption {r}" for r in rs]}
+                    "prompt": [f"caption {r}" for r in rs]}
         size = spec.one_step_batch
     return torch.utils.data.DataLoader(rows, batch_size=size, collate_fn=collate, shuffle=False)
 
@@ -370,8 +372,8 @@ def fit_and_time(method: str, spec: Spec, args, *, precision: str, gradient_chec
             teacher.net.to(memory_format=torch.channels_last)
     if naive:  # the fp32 reference of the one-step methods and pretraining: non-fused AdamW
         def plain_adamw(params, lr=None, _m=module):
-            return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr or _m.lr, betas=_m.betas,
-                                     weight_decay=_m.weight_decay)
+            return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr or _m.optim.lr, betas=_m.optim.betas,
+                                     weight_decay=_m.optim.weight_decay)
         module.make_optimizer = plain_adamw
     clock = Clock(device.type == "cuda")
     timer = StepTimer(module, clock)

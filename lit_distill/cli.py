@@ -12,19 +12,25 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 
 class DistillCLI(LightningCLI):
-    """LightningCLI with subclass mode for modules and data, so configs name ``class_path``es."""
+    """LightningCLI with subclass mode for modules and data, so configs name ``class_path``es, and OmegaConf
+    interpolation inside each config file: a value written once under the top-level ``shared:`` mapping (or
+    anywhere else in the file) is referred to as ``${shared.NAME}``. Interpolations are resolved as the file is
+    read, so a command-line override changes the key it names, not the values copied from ``shared``."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        interpolation = {"parser_mode": "omegaconf"}
+        kwargs.setdefault("parser_kwargs", {**interpolation, **{name: interpolation for name in self.subcommands()}})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -44,6 +50,10 @@ class DistillCLI(LightningCLI):
             if "Union subtypes" not in str(e) or cause is None:
                 raise
             raise cause from cause.__cause__
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--shared", type=Optional[dict], default=None,
+                            help="Values a config writes once and refers to as ${shared.NAME} (OmegaConf "
+                                 "interpolation), e.g. the task or the reward map shared by several sections.")
 
     def before_instantiate_classes(self) -> None:
         """Make the embedded base model first when the module's arguments name ``embedded:base``."""

@@ -284,7 +284,7 @@ def check_fsdp_supported(module: nn.Module, frozen: FrozenRule = "replicate",
         raise ValueError(
             f"{name} trains parameters outside any DiffusionModel.net ({loose[:3]}...); DiffusionFSDPStrategy "
             "shards only the denoisers and would leave their gradients unsynchronised. Use DDP.")
-    if activation_checkpointing and getattr(module, "gradient_checkpointing", False):
+    if activation_checkpointing and any(getattr(m.net, "is_gradient_checkpointing", False) for _, m in targets):
         raise ValueError("activation_checkpointing=True and the method's gradient_checkpointing=True would "
                          "checkpoint every block twice: keep one of them")
     if frozen not in ("replicate", "shard"):

@@ -61,7 +61,8 @@ def ensure_embedded_base(resolution: int = 16, family: str = "flow", cache_dir: 
         return path
     print(f"[lit-distill] training the embedded base model ({max_steps} steps) -> {path}")
     L.seed_everything(seed, verbose=False)
-    module = DiffusionPretrain("embedded", {"resolution": resolution, "family": family}, lr=lr, seed=seed)
+    module = DiffusionPretrain("embedded", {"resolution": resolution, "family": family}, optim={"lr": lr},
+                               runtime={"seed": seed})
     data = ImageDataModule("embedded:mnist", resolution=resolution, batch_size=batch_size, seed=seed)
     trainer(max_steps, path.parent / f"{path.name}.logs", [ExportCallback(str(path))], progress=progress).fit(module, data)
     return path
@@ -161,7 +162,7 @@ class QuickstartConfig:
     opd_steps: int = 150
     one_step_steps: int = 300
     prompts_per_step: int = 4
-    group_size: int = 8
+    rollouts_per_prompt: int = 8
     num_steps: int = 10
     seed: int = 0
     tasks: list = field(default_factory=lambda: list(TASK_REWARDS))
@@ -179,17 +180,16 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     timings["base"] = time.time() - start
     prompts = split_prompts(out, cfg.tasks, seed=cfg.seed)
 
-    teachers = {}
+    teachers, sampling = {}, {"num_steps": cfg.num_steps, "rollouts_per_prompt": cfg.rollouts_per_prompt}
     for task in cfg.tasks:
-        module = TeacherRL(str(base), TASK_REWARDS[task], num_steps=cfg.num_steps, group_size=cfg.group_size,
-                           lr=1e-4, minibatch_size=64, seed=cfg.seed)
+        module = TeacherRL(str(base), TASK_REWARDS[task], sampling=sampling, updates={"minibatch_size": 64},
+                           optim={"lr": 1e-4}, runtime={"seed": cfg.seed})
         history, timings[f"teacher/{task}"], _ = fit_stage(module, prompts[task], prompts["eval"], cfg.teacher_steps,
                                                            out, f"teacher_{task}", cfg.prompts_per_step)
         rewards["base"], rewards[f"teacher/{task}"] = rewards_of(history[0]), rewards_of(history[-1])
         teachers[task] = str(out / f"teacher_{task}" / "model")
 
-    student = OPDStudent(str(base), teachers, num_steps=cfg.num_steps, rollouts_per_prompt=cfg.group_size,
-                         lr=1e-4, seed=cfg.seed)
+    student = OPDStudent(str(base), teachers, sampling=sampling, optim={"lr": 1e-4}, runtime={"seed": cfg.seed})
     history, timings["opd"], _ = fit_stage(student, prompts["multitask"], prompts["eval"], cfg.opd_steps, out,
                                            "opd", cfg.prompts_per_step)
     rewards["opd"] = rewards_of(history[-1])

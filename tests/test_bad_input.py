@@ -16,9 +16,10 @@ from lit_distill.rewards import DigitCorrectness, NonFiniteRewardError, Reward
 TINY = {"resolution": 8, "block_channels": (16, 32), "text_hidden": 32}
 
 
-def tiny_rl(reward="brightness", **kwargs):
-    return TeacherRL("embedded", reward, {**TINY, "seed": 0}, **{**dict(num_steps=4, group_size=2, minibatch_size=16,
-                                                                         eval_steps=4, lr=1e-3), **kwargs})
+def tiny_rl(reward="brightness", sampling=None, updates=None, **kwargs):
+    return TeacherRL("embedded", reward, {**TINY, "seed": 0},
+                     sampling={"num_steps": 4, "rollouts_per_prompt": 2, "eval_steps": 4, **(sampling or {})},
+                     updates={"minibatch_size": 16, **(updates or {})}, optim={"lr": 1e-3}, **kwargs)
 
 
 def fit(module, data, max_steps=2, callbacks=(), ckpt_path=None):
@@ -45,28 +46,29 @@ def alternating_prompts(tmp_path):  # batches alternate: a seven (NaN reward), a
 
 
 def test_nan_rewards_are_skipped_and_counted_under_skip_and_named_under_raise(tmp_path):
-    module = tiny_rl(NaNForSevens(), nan_policy="skip")
+    module = tiny_rl(NaNForSevens(), runtime={"nan_policy": "skip"})
     trainer = fit(module, alternating_prompts(tmp_path), max_steps=2)
     assert trainer.global_step == 2 and module.nonfinite_skipped == 2  # four batches: two skipped, two updates
     assert trainer.callback_metrics["nonfinite_skipped"] == 2
     with pytest.raises(NonFiniteRewardError, match="reward 'nan_for_sevens': returned NaN/inf.*nan_policy='skip'"):
         fit(tiny_rl(NaNForSevens()), alternating_prompts(tmp_path))
-    module = tiny_rl(nan_policy="skip")
+    module = tiny_rl(runtime={"nan_policy": "skip"})
     assert module.check_finite("policy loss", torch.tensor(float("nan"))) is False  # losses too (see test_teacher_rl)
     with pytest.raises(NonFiniteLossError):
         tiny_rl().check_finite("policy loss", torch.tensor(float("nan")))
 
 
-@pytest.mark.parametrize("name", ["group_size", "minibatch_size", "inner_epochs", "num_steps"])
-def test_counts_of_zero_are_refused_by_name(name):
+@pytest.mark.parametrize("group, name", [("sampling", "rollouts_per_prompt"), ("updates", "minibatch_size"),
+                                         ("updates", "inner_epochs"), ("sampling", "num_steps")])
+def test_counts_of_zero_are_refused_by_name(group, name):
     with pytest.raises(ValueError, match=f"{name}=0 must be an integer >= 1"):
-        tiny_rl(advantage="running", **{name: 0})
+        tiny_rl(policy={"advantage": "running"}, **{group: {name: 0}})
 
 
 def test_zero_rollouts_per_prompt_is_refused(tmp_path):
     build_embedded_model(**TINY).save_pretrained(tmp_path / "teacher")
     with pytest.raises(ValueError, match="rollouts_per_prompt=0 must be an integer >= 1"):
-        OPDStudent("embedded", {"ink": str(tmp_path / "teacher")}, TINY, rollouts_per_prompt=0)
+        OPDStudent("embedded", {"ink": str(tmp_path / "teacher")}, TINY, sampling={"rollouts_per_prompt": 0})
 
 
 def test_truncated_checkpoints_are_named_as_model_teacher_and_ckpt_path(tmp_path):

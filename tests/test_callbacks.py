@@ -42,11 +42,12 @@ def build(method: str, tmp_path):
     if method == "pretrain":
         return DiffusionPretrain("embedded", TINY, eval_steps=2), images
     if method == "teacher_rl":
-        return TeacherRL("embedded", "brightness", TINY, num_steps=2, group_size=2, eval_steps=2), prompt_loader()
+        sampling = {"num_steps": 2, "rollouts_per_prompt": 2, "eval_steps": 2}
+        return TeacherRL("embedded", "brightness", TINY, sampling=sampling), prompt_loader()
     if method == "opd":
         build_embedded_model(**TINY, seed=1).save_pretrained(tmp_path / "teacher")
         teachers = {"bright": str(tmp_path / "teacher"), "dark": str(tmp_path / "teacher")}
-        return OPDStudent("embedded", teachers, TINY, num_steps=2, eval_steps=2), prompt_loader()
+        return OPDStudent("embedded", teachers, TINY, sampling={"num_steps": 2, "eval_steps": 2}), prompt_loader()
     if method == "disback":
         return DisBackStudent("embedded", TINY, backtracking=False), images
     return NoDistillOneStep("embedded", TINY, aux_updates_per_generator_update=1), images

@@ -75,7 +75,7 @@ trainer: {max_steps: 1, accelerator: cpu, logger: false, enable_checkpointing: f
 model:
   class_path: lit_distill.methods.TeacherRL
   init_args: {model: embedded, model_kwargs: {resolution: 8, block_channels: [16, 32], text_hidden: 32},
-              num_steps: 2, group_size: 2, minibatch_size: 64, eval_steps: 2}
+              sampling: {num_steps: 2, rollouts_per_prompt: 2, eval_steps: 2}, updates: {minibatch_size: 64}}
 data:
   class_path: lit_distill.data.PromptDataModule
   init_args: {train: "embedded:digits_brightness", batch_size: 1}

@@ -163,7 +163,7 @@ def test_image_datamodule_embedded():
     assert batch["image"].shape == (32, 1, 16, 16) and batch["image"].dtype == torch.float32
     assert batch["label"].dtype == torch.long and batch["label"].shape == (32,)
     check_images(batch["image"], channels=1, size=16)
-    for caption, label in zip(batch["caption"], batch["label"].tolist()):
+    for caption, label in zip(batch["prompt"], batch["label"].tolist()):
         assert DIGIT_WORDS[label] in caption.split()
     val_labels = {int(dm.val_dataset[i]["label"]) for i in range(len(dm.val_dataset))}
     assert val_labels == set(range(10))
@@ -192,7 +192,7 @@ def test_image_datamodule_folder(tmp_path):
                          reference_fraction=0.0)
     dm.setup()
     assert len(dm.train_dataset) == 3 and len(dm.val_dataset) == 0 and dm.val_dataloader() == []
-    items = {it["caption"]: it for it in (dm.train_dataset[i] for i in range(3))}
+    items = {it["prompt"]: it for it in (dm.train_dataset[i] for i in range(3))}
     assert set(items) == {"a caption from txt", "", "from jsonl"}
     assert int(items["a caption from txt"]["label"]) == 7 and int(items[""]["label"]) == 3
     assert int(items["from jsonl"]["label"]) == -1
@@ -202,7 +202,7 @@ def test_image_datamodule_folder(tmp_path):
     rgb = ImageDataModule(str(tmp_path), resolution=4, channels=3, batch_size=3, val_fraction=0.0,
                           reference_fraction=0.0)
     batch = next(iter(rgb.train_dataloader()))
-    assert batch["image"].shape == (3, 3, 4, 4) and len(batch["caption"]) == 3
+    assert batch["image"].shape == (3, 3, 4, 4) and len(batch["prompt"]) == 3
 
 
 def test_image_datamodule_folder_errors(tmp_path):
@@ -235,7 +235,7 @@ def test_image_datamodule_hf_dataset(tmp_path, monkeypatch):
     dm.setup()
     assert len(dm.train_dataset) == 2 and len(dm.val_dataset) == 2
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (2, 1, 4, 4) and set(batch["caption"]) <= set("abcd")
+    assert batch["image"].shape == (2, 1, 4, 4) and set(batch["prompt"]) <= set("abcd")
     assert torch.all((batch["label"] == 1) == (batch["image"].mean((1, 2, 3)) > 0))
     with pytest.raises(ValueError, match="image_column"):
         ImageDataModule(str(saved), image_column="image").setup()
@@ -251,7 +251,7 @@ def test_image_datamodule_with_trainer():
             self.seen = 0
 
         def training_step(self, batch, _):
-            self.seen += len(batch["caption"])
+            self.seen += len(batch["prompt"])
             return (self.w * batch["image"].mean()).pow(2).sum() + self.w.sum() * 0
 
         def configure_optimizers(self):

@@ -118,9 +118,10 @@ def train_rl(world: int, strategy: str = "ddp", accelerator: str = "cpu", precis
     per_rank = prompts // world
     pairs = per_rank * group_size * num_steps
     cls, extra = (VirtualRanksRL, {"virtual_world": 2}) if virtual else (TeacherRL, {})
-    module = cls(model="embedded", model_kwargs=TINY, reward="brightness", num_steps=num_steps, group_size=group_size,
-                 minibatch_size=pairs if virtual else max(1, pairs // 4), eval_steps=num_steps, lr=1e-3, seed=seed,
-                 **extra, **(module_kwargs or {}))
+    module = cls(model="embedded", model_kwargs=TINY, reward="brightness",
+                 sampling={"num_steps": num_steps, "rollouts_per_prompt": group_size, "eval_steps": num_steps},
+                 updates={"minibatch_size": pairs if virtual else max(1, pairs // 4)},
+                 optim={"lr": 1e-3}, runtime={"seed": seed}, **extra, **(module_kwargs or {}))
     initial = full_net_state(module)
     data = [{"prompt": PROMPT, "task": "brightness"}] * (prompts * batches)
     loader = torch.utils.data.DataLoader(
@@ -214,7 +215,8 @@ def test_fsdp_without_block_classes_names_the_model():
     conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.SiLU(), torch.nn.Conv2d(4, 1, 3))
     with pytest.raises(ValueError, match="Sequential.*block_classes"):
         fsdp_block_classes(conv)
-    module = TeacherRL(model="embedded", model_kwargs=TINY, reward="brightness", num_steps=2, group_size=2)
+    module = TeacherRL(model="embedded", model_kwargs=TINY, reward="brightness",
+                       sampling={"num_steps": 2, "rollouts_per_prompt": 2})
     assert {c.__name__ for c in fsdp_block_classes(module.model.net)} == {"ResnetBlock2D", "BasicTransformerBlock"}
     with pytest.raises(ValueError, match="UNet2DConditionModel"):
         fsdp_block_classes(module.model.net, ["JointTransformerBlock"])
@@ -226,8 +228,9 @@ def test_fsdp_refuses_methods_it_cannot_shard_with_a_reason():
     pretrain = DiffusionPretrain(model="embedded", model_kwargs=TINY)
     with pytest.raises(ValueError, match="EMA.*DDP"):
         check_fsdp_supported(pretrain)
-    rl = TeacherRL(model="embedded", model_kwargs=TINY, reward="brightness", num_steps=2, group_size=2,
-                   kl_weight=0.1, gradient_checkpointing=True)
+    rl = TeacherRL(model="embedded", model_kwargs=TINY, reward="brightness",
+                   sampling={"num_steps": 2, "rollouts_per_prompt": 2}, policy={"kl_weight": 0.1},
+                   runtime={"gradient_checkpointing": True})
     assert [name for name, _ in check_fsdp_supported(rl)] == ["model"]  # the reference copy stays replicated
     assert [name for name, _ in check_fsdp_supported(rl, frozen="shard")] == ["model", "reference"]
     with pytest.raises(ValueError, match="twice"):
@@ -258,7 +261,8 @@ def test_ddp_strategy_finds_unused_parameters_only_for_one_step_methods():
 def test_cuda_only_options_on_cpu():
     """compile=True on CPU stops with a message. (bf16-mixed autocast is allowed by Lightning on CPU and runs
     TeacherRL, slowly: checked by hand, not here.)"""
-    module = TeacherRL(model="embedded", model_kwargs=TINY, reward="brightness", num_steps=2, group_size=2, compile=True)
+    module = TeacherRL(model="embedded", model_kwargs=TINY, reward="brightness",
+                       sampling={"num_steps": 2, "rollouts_per_prompt": 2}, runtime={"compile": True})
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     loader = torch.utils.data.DataLoader([{"prompt": PROMPT, "task": "brightness"}], batch_size=1,

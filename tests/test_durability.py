@@ -26,8 +26,9 @@ TINY = {"resolution": 8, "block_channels": (16, 32), "text_hidden": 32}
 
 
 def tiny_rl():
-    return TeacherRL("embedded", "brightness", {**TINY, "seed": 0}, num_steps=4, group_size=2, minibatch_size=16,
-                     eval_steps=4, lr=1e-3)
+    return TeacherRL("embedded", "brightness", {**TINY, "seed": 0},
+                     sampling={"num_steps": 4, "rollouts_per_prompt": 2, "eval_steps": 4},
+                     updates={"minibatch_size": 16}, optim={"lr": 1e-3})
 
 
 def fit(module, max_steps, callbacks=(), ckpt_path=None):
@@ -117,7 +118,8 @@ KILLED_SAVE = textwrap.dedent('''
     files.torch.save = save_then_hang_halfway
     torch.set_num_threads(1)
     module = TeacherRL("embedded", "brightness", {"resolution": 8, "block_channels": (16, 32), "text_hidden": 32,
-                       "seed": 0}, num_steps=4, group_size=2, minibatch_size=16, eval_steps=4, lr=1e-3)
+                       "seed": 0}, sampling={"num_steps": 4, "rollouts_per_prompt": 2, "eval_steps": 4},
+                       updates={"minibatch_size": 16}, optim={"lr": 1e-3})
     L.Trainer(max_steps=100, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
               callbacks=[DurableCheckpoint(sys.argv[1], every_n_train_steps=1)]).fit(
         module, PromptDataModule("embedded:digits_brightness", batch_size=2, repeat=50))
@@ -220,11 +222,9 @@ CONFIG = textwrap.dedent('''
         model: embedded
         model_kwargs: {resolution: 8, block_channels: [16, 32], text_hidden: 32}
         reward: {name: brightness, target: 0.6}
-        num_steps: 4
-        group_size: 2
-        minibatch_size: 16
-        eval_steps: 4
-        lr: 0.001
+        sampling: {num_steps: 4, rollouts_per_prompt: 2, eval_steps: 4}
+        updates: {minibatch_size: 16}
+        optim: {lr: 0.001}
     data:
       class_path: lit_distill.data.PromptDataModule
       init_args: {train: "embedded:digits_brightness", batch_size: 2, repeat: 50}
@@ -295,7 +295,7 @@ def test_sigterm_during_validation_saves_from_on_exception_and_resumes_exactly(t
 
     def run(directory, callbacks=(), ckpt_path=None):
         torch.manual_seed(0)
-        module = DiffusionPretrain("embedded", {**TINY, "seed": 0}, lr=1e-3)
+        module = DiffusionPretrain("embedded", {**TINY, "seed": 0}, optim={"lr": 1e-3})
         trainer = L.Trainer(max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
                             val_check_interval=1, limit_val_batches=2, num_sanity_val_steps=0,
                             callbacks=[DurableCheckpoint(directory, every_n_minutes=None), *callbacks])

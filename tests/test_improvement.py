@@ -22,7 +22,7 @@ def prompt_loader():
 
 def test_pretraining_lowers_the_denoising_loss():
     torch.manual_seed(0)
-    module = DiffusionPretrain("embedded", TINY, lr=2e-3)
+    module = DiffusionPretrain("embedded", TINY, optim={"lr": 2e-3})
     data = ImageDataModule("embedded:digits", resolution=8, batch_size=64)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
@@ -36,8 +36,9 @@ def test_pretraining_lowers_the_denoising_loss():
 
 def test_teacher_rl_raises_its_reward():
     torch.manual_seed(0)
-    module = TeacherRL("embedded", {"name": "brightness", "target": 1.0}, TINY, num_steps=4, group_size=4,
-                       minibatch_size=32, eval_steps=4, lr=3e-4)
+    module = TeacherRL("embedded", {"name": "brightness", "target": 1.0}, TINY,
+                       sampling={"num_steps": 4, "rollouts_per_prompt": 4, "eval_steps": 4},
+                       updates={"minibatch_size": 32}, optim={"lr": 3e-4})
 
     def reward():
         images = module.generate_eval_samples(8, torch.Generator().manual_seed(0), PROMPTS["prompt"] * 4)
@@ -52,8 +53,9 @@ def test_teacher_rl_raises_its_reward():
 def test_opd_lowers_the_per_step_kl_to_its_teacher(tmp_path):
     torch.manual_seed(0)
     build_embedded_model(**TINY, seed=1).save_pretrained(tmp_path / "teacher")
-    module = OPDStudent("embedded", {"ink": str(tmp_path / "teacher")}, {**TINY, "seed": 0}, num_steps=4,
-                        minibatch_size=16, rollouts_per_prompt=2, eval_steps=4, lr=1e-3)
+    module = OPDStudent("embedded", {"ink": str(tmp_path / "teacher")}, {**TINY, "seed": 0},
+                        sampling={"num_steps": 4, "rollouts_per_prompt": 2, "eval_steps": 4},
+                        updates={"minibatch_size": 16}, optim={"lr": 1e-3})
     cond, uncond = module.encode(PROMPTS["prompt"] * 4)
     traj = module.sample_trajectories(module.model, cond, uncond, 8, torch.Generator().manual_seed(0))
     rows, steps = module.training_pairs(traj, None, torch.Generator().manual_seed(0), stochastic_only=False)
@@ -76,4 +78,4 @@ def test_pretrain_refuses_images_of_the_wrong_size_or_channels():
     module = DiffusionPretrain("embedded", TINY)
     for images in (torch.zeros(2, 1, 16, 16), torch.zeros(2, 3, 8, 8)):
         with pytest.raises(ValueError, match=r"batch\["):
-            module._loss({"image": images, "caption": ["a", "b"]})
+            module._loss({"image": images, "prompt": ["a", "b"]})

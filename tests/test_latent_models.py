@@ -29,9 +29,9 @@ def fit(module, steps=2):
 
 def test_teacher_rl_with_lora_on_an_sd15_pipeline_dir(tmp_path):
     source = sd15_dir(tmp_path / "sd15")
-    module = TeacherRL(source, "jpeg_compressibility", lora_rank=4, kl_weight=0.1, reference="lora_base",
-                       num_steps=3, noise_level=1.0, guidance_scale=2.0, group_size=2, minibatch_size=4,
-                       logprob_reduction="mean", eval_steps=3)
+    module = TeacherRL(source, "jpeg_compressibility", lora_rank=4, policy={"kl_weight": 0.1, "reference": "lora_base"},
+                       sampling={"num_steps": 3, "noise_level": 1.0, "guidance_scale": 2.0, "rollouts_per_prompt": 2,
+                                 "eval_steps": 3}, updates={"minibatch_size": 4, "reduction": "mean"})
     assert module.model.vae is not None and module.reference is None
     trainer = fit(module)
     assert torch.isfinite(trainer.callback_metrics["train/kl_ref"])
@@ -40,13 +40,15 @@ def test_teacher_rl_with_lora_on_an_sd15_pipeline_dir(tmp_path):
     images = module.generate_eval_samples(1, torch.Generator().manual_seed(0), ["a photo of a cat"])
     assert images.shape == (1, 3, 32, 32) and images.abs().max() <= 1
 
-    student = OPDStudent(source, {"compress": str(tmp_path / "teacher")}, num_steps=3, noise_level=1.0,
-                         guidance_scale=2.0, minibatch_size=4, teacher_dtype="bfloat16", eval_steps=3)
+    student = OPDStudent(source, {"compress": str(tmp_path / "teacher")}, teacher_dtype="bfloat16",
+                         sampling={"num_steps": 3, "noise_level": 1.0, "guidance_scale": 2.0, "eval_steps": 3},
+                         updates={"minibatch_size": 4})
     assert torch.isfinite(fit(student, 1).callback_metrics["train/kl"])
 
 
 def test_teacher_rl_on_an_sd3_pipeline_dir(tmp_path):
-    module = TeacherRL(sd3_dir(tmp_path / "sd3"), "jpeg_compressibility", num_steps=3, noise_level=0.7,
-                       group_size=2, minibatch_size=4, logprob_reduction="mean", eval_steps=3)
+    module = TeacherRL(sd3_dir(tmp_path / "sd3"), "jpeg_compressibility",
+                       sampling={"num_steps": 3, "noise_level": 0.7, "rollouts_per_prompt": 2, "eval_steps": 3},
+                       updates={"minibatch_size": 4, "reduction": "mean"})
     assert module.model.schedule.family == "flow"
     assert torch.isfinite(fit(module).callback_metrics["train/policy_loss"])

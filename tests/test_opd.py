@@ -27,9 +27,10 @@ def batch(tasks=("bright", "dark", "bright")):
     return {"prompt": ["a handwritten seven", "a handwritten one", "a handwritten two"][: len(tasks)], "task": list(tasks)}
 
 
-def student(teacher_dirs, model=None, **kwargs):
+def student(teacher_dirs, model=None, sampling=None, updates=None, **kwargs):
     defaults = dict(model=model or "embedded", model_kwargs=None if model else {**TINY, "seed": 0},
-                    teachers=teacher_dirs, num_steps=4, minibatch_size=8, eval_steps=4, lr=1e-3)
+                    teachers=teacher_dirs, sampling={"num_steps": 4, "eval_steps": 4, **(sampling or {})},
+                    updates={"minibatch_size": 8, **(updates or {})}, optim={"lr": 1e-3})
     defaults.update(kwargs)
     return OPDStudent(**defaults)
 
@@ -94,7 +95,7 @@ def test_routing_sends_each_row_to_its_own_teacher(teacher_dirs):
 @pytest.mark.parametrize("sde_steps", [None, []], ids=["sde", "ode"])
 def test_sde_and_ode_modes_train(teacher_dirs, sde_steps):
     torch.manual_seed(0)
-    module = student(teacher_dirs, sde_steps=sde_steps, steps_per_sample=2)
+    module = student(teacher_dirs, sampling={"sde_steps": sde_steps}, updates={"steps_per_sample": 2})
     loader = torch.utils.data.DataLoader([0], batch_size=1, collate_fn=lambda _: batch())
     trainer = L.Trainer(max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
@@ -120,8 +121,8 @@ def test_bad_input_errors(teacher_dirs, tmp_path):
 def test_teacher_from_a_lightning_checkpoint(tmp_path):
     from lit_distill.methods import TeacherRL
 
-    rl = TeacherRL("embedded", "brightness", {**TINY, "seed": 3}, num_steps=4, group_size=2, minibatch_size=8,
-                   eval_steps=4)
+    rl = TeacherRL("embedded", "brightness", {**TINY, "seed": 3}, sampling={"num_steps": 4, "rollouts_per_prompt": 2,
+                   "eval_steps": 4}, updates={"minibatch_size": 8})
     loader = torch.utils.data.DataLoader([0], batch_size=1, collate_fn=lambda _: batch(("bright",)))
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
@@ -135,41 +136,41 @@ def test_teacher_from_a_lightning_checkpoint(tmp_path):
 
 
 def test_mean_weighting_turns_every_step_into_mean_matching(teacher_dirs):
-    module = student(teacher_dirs, step_weighting="mean")
-    steps = torch.arange(module.num_steps)
+    module = student(teacher_dirs, distill={"step_weighting": "mean"})
+    steps = torch.arange(module.sampling.num_steps)
     mean_s, mean_t = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
     stds = torch.tensor(module.step_stds)
     for s in steps[stds > 0][:2]:
         weighted = per_step_kl(mean_s, mean_t, stds[s]) * module.step_weight(s.view(1))
         torch.testing.assert_close(weighted, (mean_s - mean_t).pow(2).flatten(1).sum(1))
     with pytest.raises(ValueError, match="step_weighting='x'"):
-        student(teacher_dirs, step_weighting="x")
+        student(teacher_dirs, distill={"step_weighting": "x"})
 
 
 def test_timestep_fraction_leaves_out_the_last_steps(teacher_dirs):
     """DiffusionOPD's timestep_fraction 0.99: int(0.99 * N) steps, so the last one, whose kernel std is near zero
     on a flow grid, never enters the loss; 1.0 trains every step."""
-    module = student(teacher_dirs, num_steps=5, timestep_fraction=0.99)
+    module = student(teacher_dirs, sampling={"num_steps": 5}, updates={"timestep_fraction": 0.99})
     b = batch()
     cond, uncond = module.encode(b["prompt"])
     traj = module.sample_trajectories(module.model, cond, uncond, 3, torch.Generator().manual_seed(0))
     rows, steps = module.training_pairs(traj, None, torch.Generator().manual_seed(1), stochastic_only=False)
     assert sorted(set(steps.tolist())) == [0, 1, 2, 3] and len(rows) == 3 * 4
-    every = student(teacher_dirs, num_steps=5, timestep_fraction=1.0)
+    every = student(teacher_dirs, sampling={"num_steps": 5}, updates={"timestep_fraction": 1.0})
     assert sorted(set(every.training_pairs(traj, None, torch.Generator().manual_seed(1), False)[1].tolist())) == \
         list(range(5))
     assert module.step_stds[-1] < 0.1 * module.step_stds[0]  # why: the last flow step's std collapses
     with pytest.raises(ValueError, match="timestep_fraction=0.1"):
-        student(teacher_dirs, num_steps=5, timestep_fraction=0.1)  # int(0.5) = 0 steps
+        student(teacher_dirs, sampling={"num_steps": 5}, updates={"timestep_fraction": 0.1})  # int(0.5) = 0 steps
 
 
 def test_kl_dt_weighting_divides_by_the_noise_level_not_the_kernel_variance(teacher_dirs):
     """``kl_dt``: KL * (sigma_t - sigma_s) = ||mu_s - mu_T||^2 / (2 a^2 t / (1 - t)), the per-step loss of
     DiffusionOPD's training script with noise (Flow-GRPO's std_dev_t is a sqrt(t / (1 - t)), without sqrt(dt))."""
-    module = student(teacher_dirs, step_weighting="kl_dt", noise_level=0.7)
-    grid = module.model.schedule.grid(module.num_steps)
+    module = student(teacher_dirs, distill={"step_weighting": "kl_dt"}, sampling={"noise_level": 0.7})
+    grid = module.model.schedule.grid(module.sampling.num_steps)
     mean_s, mean_t = torch.randn(1, 1, 8, 8, dtype=torch.float64), torch.randn(1, 1, 8, 8, dtype=torch.float64)
-    for step in range(module.num_steps - 1):  # the first step starts at t = 1, where 1 - t is read at s
+    for step in range(module.sampling.num_steps - 1):  # the first step starts at t = 1, where 1 - t is read at s
         t = float(grid.sigma_t[step])
         weighted = per_step_kl(mean_s, mean_t, module.step_stds[step]) * module.step_weight(torch.tensor([step]))
         noise_var = 0.7**2 * t / (1 - t) if t < 1 else 0.7**2 * t / (1 - float(grid.sigma_s[step]))

@@ -8,6 +8,7 @@ from lit_distill.callbacks import DurableCheckpoint
 from lit_distill.data import ImageDataModule
 from lit_distill.methods import DiffusionPretrain, OPDStudent, TeacherRL
 from lit_distill.methods.base import DistillModule
+from lit_distill.methods.settings import Optim, Runtime
 from lit_distill.models.builders import build_embedded_model
 
 TINY = {"resolution": 8, "block_channels": (16, 32), "text_hidden": 32}
@@ -53,30 +54,33 @@ def assert_resume_is_exact(make, data, half, total, tmp_path):
 
 
 def test_teacher_rl_resumes_exactly(tmp_path):
-    make = lambda: TeacherRL("embedded", "brightness", {**TINY, "seed": 0}, num_steps=4, group_size=4,  # noqa: E731
-                             minibatch_size=16, eval_steps=4, lr=1e-3)
+    make = lambda: TeacherRL("embedded", "brightness", {**TINY, "seed": 0},  # noqa: E731
+                             sampling={"num_steps": 4, "rollouts_per_prompt": 4, "eval_steps": 4},
+                             updates={"minibatch_size": 16}, optim={"lr": 1e-3})
     # 2 prompts x 4 rollouts x 4 steps = 32 pairs: 2 optimiser steps per batch
     assert_resume_is_exact(make, prompt_loader, 4, 8, tmp_path)
 
 
 def test_opd_resumes_exactly(tmp_path):
     build_embedded_model(**TINY, seed=1).save_pretrained(tmp_path / "teacher")
-    make = lambda: OPDStudent("embedded", {"ink": str(tmp_path / "teacher")}, {**TINY, "seed": 0}, num_steps=4,  # noqa: E731
-                              minibatch_size=8, rollouts_per_prompt=2, eval_steps=4, lr=1e-3)
+    make = lambda: OPDStudent("embedded", {"ink": str(tmp_path / "teacher")}, {**TINY, "seed": 0},  # noqa: E731
+                              sampling={"num_steps": 4, "rollouts_per_prompt": 2, "eval_steps": 4},
+                              updates={"minibatch_size": 8}, optim={"lr": 1e-3})
     assert_resume_is_exact(make, prompt_loader, 2, 4, tmp_path)
 
 
 def test_pretrain_with_ema_resumes_exactly(tmp_path):
-    make = lambda: DiffusionPretrain("embedded", {**TINY, "seed": 0}, lr=1e-3)  # noqa: E731
+    make = lambda: DiffusionPretrain("embedded", {**TINY, "seed": 0}, optim={"lr": 1e-3})  # noqa: E731
     data = lambda: ImageDataModule("embedded:digits", resolution=8, batch_size=32, val_fraction=0.0)  # noqa: E731
     assert_resume_is_exact(make, data, 3, 6, tmp_path)
 
 
 def test_checkpoint_of_another_method_is_refused(tmp_path):
-    module = DiffusionPretrain("embedded", TINY, lr=1e-3)
+    module = DiffusionPretrain("embedded", TINY, optim={"lr": 1e-3})
     fit(module, ImageDataModule("embedded:digits", resolution=8, batch_size=32, val_fraction=0.0), 1,
         save_to=tmp_path / "pretrain.ckpt")
-    rl = TeacherRL("embedded", "brightness", TINY, num_steps=4, group_size=4, minibatch_size=16, eval_steps=4)
+    rl = TeacherRL("embedded", "brightness", TINY, sampling={"num_steps": 4, "rollouts_per_prompt": 4, "eval_steps": 4},
+                   updates={"minibatch_size": 16})
     with pytest.raises(ValueError, match="written by method 'pretrain' but this run is 'teacher_rl'"):
         fit(rl, prompt_loader(), 2, ckpt_path=tmp_path / "pretrain.ckpt")
 
@@ -100,11 +104,9 @@ model:
     model: embedded
     model_kwargs: {resolution: 8, block_channels: [16, 32], text_hidden: 32}
     reward: {name: brightness, target: 0.6}
-    num_steps: 4
-    group_size: 2
-    minibatch_size: 64
-    eval_steps: 4
-    lr: 0.001
+    sampling: {num_steps: 4, rollouts_per_prompt: 2, eval_steps: 4}
+    updates: {minibatch_size: 64}
+    optim: {lr: 0.001}
 data:
   class_path: lit_distill.data.PromptDataModule
   init_args: {train: "embedded:digits_multitask", batch_size: 2, repeat: 50}
@@ -122,17 +124,18 @@ def test_resume_logs_every_changed_setting_applies_it_or_refuses_it_with_the_fix
                                          r"was written with lora_rank=0.*Fix: set lora_rank back to 0"):
         main(resume + ["--model.init_args.lora_rank", "4"])
     with pytest.raises(ValueError, match=r"weights do not fit.*missing \['reference\..*kl_weight: 0.0 -> 0.1"):
-        main(resume + ["--model.init_args.kl_weight", "0.1"])  # a reference copy the checkpoint does not have
+        main(resume + ["--model.init_args.policy.kl_weight", "0.1"])  # a reference copy the checkpoint does not have
     with pytest.warns(UserWarning) as warned:
-        main(resume + ["--model.init_args.group_size", "4", "--model.init_args.lr", "0.0005", "--seed_everything", "1",
+        main(resume + ["--model.init_args.sampling.rollouts_per_prompt", "4", "--model.init_args.optim.lr", "0.0005",
+                       "--seed_everything", "1",
                        "--trainer.max_steps", "3", "--data.init_args.batch_size", "1",
                        "--data.init_args.tasks", "[brightness]"])
     messages = " ".join(str(w.message) for w in warned)
-    for change in ("group_size: 2 -> 4", "lr: 0.001 -> 0.0005", "seed_everything: '0' -> '1'", "max_steps: 2 -> 3",
+    for change in ("sampling.rollouts_per_prompt: 2 -> 4", "optim.lr: 0.001 -> 0.0005", "seed_everything: '0' -> '1'", "max_steps: 2 -> 3",
                    "batch_size: 2 -> 1", "tasks: None -> ['brightness']"):
         assert change in messages, change
     last = torch.load(tmp_path / "ckpts/last.ckpt", weights_only=False)
-    assert last["global_step"] == 3 and last["hyper_parameters"]["group_size"] == 4
+    assert last["global_step"] == 3 and last["hyper_parameters"]["sampling"]["rollouts_per_prompt"] == 4
     assert last["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0005  # not the checkpoint's 0.001
 
 
@@ -142,14 +145,14 @@ class Recorder(DistillModule):
     method = "recorder"
 
     def __init__(self):
-        super().__init__(lr=0.1)
+        super().__init__(optim=Optim(lr=0.1, max_grad_norm=None), runtime=Runtime())
         self.automatic_optimization = False
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.seen = []
 
     def training_step(self, batch, batch_idx):
         self.seen.append((self.current_epoch, list(batch["prompt"])))
-        self.apply_update(self.optimizers(), (self.w ** 2).sum(), "loss", None)
+        self.apply_update(self.optimizers(), (self.w ** 2).sum(), "loss")
 
     def configure_optimizers(self):
         return self.make_optimizer([self.w])
@@ -179,3 +182,29 @@ def test_a_new_batch_size_keeps_the_data_position_in_samples(tmp_path):
     with pytest.warns(UserWarning, match="data order changed.*restarts from its first sample"):
         again = run(4, 6, tmp_path / "last.ckpt", seed=5)
     assert again == [(1, order(5 + 1)[:4])]  # epoch 1 of seed 5, from its start
+
+
+def test_checkpoint_with_the_flat_settings_of_older_versions_is_migrated(tmp_path):
+    """A checkpoint written before the settings were grouped (flat hyper-parameters, no layout mark) loads with
+    each setting under its new name and group; a setting that no longer exists is refused by name."""
+    module = TeacherRL("embedded", "brightness", TINY, sampling={"num_steps": 4, "rollouts_per_prompt": 4, "eval_steps": 4},
+                       updates={"minibatch_size": 16, "reduction": "mean"}, policy={"kl_weight": 0.1},
+                       optim={"lr": 1e-3})
+    fit(module, prompt_loader(), 1, save_to=tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    del checkpoint["lit_distill_layout"]
+    checkpoint["hyper_parameters"] = dict(  # what TeacherRL wrote with one flat argument per setting
+        model="embedded", reward="brightness", model_kwargs=TINY, lora_rank=0, num_steps=4, noise_level=0.7,
+        sde_steps=None, guidance_scale=1.0, eval_steps=4, group_size=4, advantage="group", adv_clip=5.0,
+        steps_per_sample=None, inner_epochs=1, minibatch_size=16, clip_range=0.2, kl_weight=0.1, reference="copy",
+        reference_dtype=None, logprob_reduction="mean", max_grad_norm=1.0, lr=1e-3, weight_decay=0.0,
+        nan_policy="raise", compile=False, gradient_checkpointing=False, seed=0)
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    loaded = TeacherRL.load_from_checkpoint(tmp_path / "old.ckpt")
+    for group in ("sampling", "updates", "policy", "optim", "runtime"):
+        assert getattr(loaded, group) == getattr(module, group), group
+    assert all(same(a, b) for a, b in zip(state(loaded).values(), state(module).values()))
+    checkpoint["hyper_parameters"]["temperature"] = 2.0
+    torch.save(checkpoint, tmp_path / "unknown.ckpt")
+    with pytest.raises(ValueError, match=r"settings \['temperature'\]"):
+        TeacherRL.load_from_checkpoint(tmp_path / "unknown.ckpt")

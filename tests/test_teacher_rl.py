@@ -11,9 +11,10 @@ from lit_distill.rewards import Reward
 TINY = {"resolution": 8, "block_channels": (16, 32), "text_hidden": 32}
 
 
-def tiny_rl(**kwargs):
-    defaults = dict(model="embedded", model_kwargs=TINY, reward="brightness", num_steps=4, group_size=4,
-                    minibatch_size=16, eval_steps=4, lr=1e-4)
+def tiny_rl(sampling=None, updates=None, optim=None, **kwargs):
+    defaults = dict(model="embedded", model_kwargs=TINY, reward="brightness",
+                    sampling={"num_steps": 4, "rollouts_per_prompt": 4, "eval_steps": 4, **(sampling or {})},
+                    updates={"minibatch_size": 16, **(updates or {})}, optim={"lr": 1e-4, **(optim or {})})
     defaults.update(kwargs)
     return TeacherRL(**defaults)
 
@@ -70,7 +71,7 @@ def test_running_normalizer_matches_global_statistics():
 
 def test_rollout_log_probs_give_ratio_one_before_any_update():
     torch.manual_seed(0)
-    module = tiny_rl(guidance_scale=2.0, sde_steps=[0, 1, 3])
+    module = tiny_rl(sampling={"guidance_scale": 2.0, "sde_steps": [0, 1, 3]})
     batch = prompt_batch()
     cond, uncond = module.encode(batch["prompt"] * 2)
     traj = module.sample_trajectories(module.model, cond, uncond, 4, torch.Generator().manual_seed(0))
@@ -87,7 +88,7 @@ def test_rollout_log_probs_give_ratio_one_before_any_update():
 
 def test_kl_to_identical_reference_is_zero_with_zero_gradient():
     torch.manual_seed(0)
-    module = tiny_rl(kl_weight=1.0)
+    module = tiny_rl(policy={"kl_weight": 1.0})
     batch = prompt_batch()
     cond, uncond = module.encode(batch["prompt"])
     traj = module.sample_trajectories(module.model, cond, uncond, 2, torch.Generator().manual_seed(0))
@@ -103,7 +104,7 @@ def test_kl_to_identical_reference_is_zero_with_zero_gradient():
 
 def test_training_steps_run_and_log():
     torch.manual_seed(0)
-    module = tiny_rl(steps_per_sample=2, inner_epochs=2)
+    module = tiny_rl(updates={"steps_per_sample": 2, "inner_epochs": 2})
     loader = torch.utils.data.DataLoader([0, 1], batch_size=2, collate_fn=lambda _: prompt_batch())
     trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
@@ -130,10 +131,10 @@ class NaNReward(Reward):
 def test_bad_input_errors_name_the_field():
     with pytest.raises(ValueError, match="no_such_reward"):
         tiny_rl(reward="no_such_reward")
-    with pytest.raises(ValueError, match="group_size=1"):
-        tiny_rl(group_size=1)
+    with pytest.raises(ValueError, match="rollouts_per_prompt=1"):
+        tiny_rl(sampling={"rollouts_per_prompt": 1})
     with pytest.raises(ValueError, match="reference='lora_base' needs lora_rank"):
-        tiny_rl(kl_weight=0.1, reference="lora_base")
+        tiny_rl(policy={"kl_weight": 0.1, "reference": "lora_base"})
     batch = prompt_batch()
     for reward, match in ((BadShape(), "bad_shape"), (NaNReward(), "nan_reward")):
         module = tiny_rl(reward=reward)
@@ -143,7 +144,7 @@ def test_bad_input_errors_name_the_field():
 
 def test_vp_models_train_with_the_same_code():
     torch.manual_seed(0)
-    module = tiny_rl(model_kwargs={**TINY, "family": "vp"}, noise_level=1.0)
+    module = tiny_rl(model_kwargs={**TINY, "family": "vp"}, sampling={"noise_level": 1.0})
     assert module.model.schedule.family == "vp"
     loader = torch.utils.data.DataLoader([0, 1], batch_size=2, collate_fn=lambda _: prompt_batch())
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -178,8 +179,8 @@ def test_non_finite_losses_stop_with_the_step_and_tensor_named_or_are_skipped_an
     module = tiny_rl()
     with pytest.raises(NonFiniteLossError, match="policy loss is NaN at global step 0.*nan_policy='skip'"):
         module.check_finite("policy loss", torch.tensor(float("nan")))
-    module = tiny_rl(nan_policy="skip")
+    module = tiny_rl(runtime={"nan_policy": "skip"})
     assert module.check_finite("policy loss", torch.tensor(float("inf"))) is False
     assert module.nonfinite_skipped == 1
     with pytest.raises(ValueError, match="nan_policy='ignore'"):
-        tiny_rl(nan_policy="ignore")
+        tiny_rl(runtime={"nan_policy": "ignore"})

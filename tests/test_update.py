@@ -5,20 +5,21 @@ import torch
 from torch import nn
 
 from lit_distill.methods.base import DistillModule
+from lit_distill.methods.settings import Optim, Runtime
 
 
 class ClipProbe(DistillModule):
     """Steps a linear layer once per batch on a loss with a huge gradient, clipped to norm 1."""
 
     def __init__(self, fused: bool):
-        super().__init__(lr=1e-3)
+        super().__init__(optim=Optim(lr=1e-3, max_grad_norm=1.0), runtime=Runtime())
         self.automatic_optimization = False
         self.fused = fused
         self.layer = nn.Linear(8, 8)
         self.norms = []
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.layer.parameters(), lr=self.lr, fused=self.fused)
+        return torch.optim.AdamW(self.layer.parameters(), lr=self.optim.lr, fused=self.fused)
 
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers().optimizer
@@ -30,7 +31,7 @@ class ClipProbe(DistillModule):
 
         optimizer.step = record_then_step
         loss = 1e4 * self.layer(batch[0]).float().pow(2).mean()
-        assert self.apply_update(self.optimizers(), loss, "probe", max_grad_norm=1.0)
+        assert self.apply_update(self.optimizers(), loss, "probe")  # clipped to optim.max_grad_norm = 1
         optimizer.step = original
 
 
@@ -48,19 +49,19 @@ class TwoUpdates(DistillModule):
     """Two updates in one training step, as TeacherRL/OPD's minibatches and the one-step methods' alternation."""
 
     def __init__(self):
-        super().__init__(lr=0.1)
+        super().__init__(optim=Optim(lr=0.1, max_grad_norm=None), runtime=Runtime())
         self.automatic_optimization = False
         self.layer = nn.Linear(8, 8)
         self.outputs = []
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.layer.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.layer.parameters(), lr=self.optim.lr)
 
     def training_step(self, batch, batch_idx):
         for _ in range(2):
             out = self.layer(batch[0])
             self.outputs.append(out.detach().float())
-            self.apply_update(self.optimizers(), out.float().pow(2).mean(), "probe", max_grad_norm=None)
+            self.apply_update(self.optimizers(), out.float().pow(2).mean(), "probe")
         self.outputs.append(self.layer(batch[0]).detach().float())
 
 

@@ -1,7 +1,7 @@
 """``ImageDataModule``: captioned, labelled images for pretraining, and the held-out real sets of FID.
 
-Batches are ``{"image": float [B, C, R, R] in [-1, 1], "caption": list[str], "label": long [B]}``
-(label -1 where unknown).
+Batches are ``{"image": float [B, C, R, R] in [-1, 1], "prompt": list[str], "label": long [B]}``
+(``prompt``: each image's caption, the text a model is conditioned on; label -1 where unknown).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class TensorImageDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "caption": self.captions[i], "label": self.labels[i]}
+        return {"image": self.images[i], "prompt": self.captions[i], "label": self.labels[i]}
 
 
 class LazyImageDataset(Dataset):
@@ -82,7 +82,7 @@ class LazyImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         image, caption, label = self.items(i) if callable(self.items) else self.items[i]
         x = load_pil_image(image, self.channels, self.resolution)
-        return {"image": x, "caption": caption, "label": torch.tensor(label, dtype=torch.long)}
+        return {"image": x, "prompt": caption, "label": torch.tensor(label, dtype=torch.long)}
 
 
 class _Subset(Dataset):

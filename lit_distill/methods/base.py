@@ -4,18 +4,20 @@ losses, the per-step random generator, evaluation prompts, export, checkpoint id
 strategies and the pipeline read."""
 from __future__ import annotations
 
-import math
+import inspect
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Literal, Optional, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
 from ..utils.resume import align_batch_count, changed_settings, log_changes, refuse_changes, run_settings
+from .settings import Optim, Runtime, flat_settings, migrate_hyperparameters, plain
 
-NanPolicy = Literal["raise", "skip"]
+#: written into every checkpoint; checkpoints without it predate the grouped settings (layout 1)
+CHECKPOINT_LAYOUT = 2
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -23,42 +25,69 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class DistillModule(L.LightningModule):
-    """Base of the methods.
+    """Base of the methods: what every method's settings groups ``optim`` and ``runtime`` control, evaluation
+    prompts, checkpoint identity.
 
     Args:
-        lr, weight_decay, betas: AdamW hyper-parameters (fused AdamW on CUDA).
-        nan_policy: ``"raise"`` stops with the step and the tensor named when a loss or reward is not
-            finite; ``"skip"`` skips that update and counts it in the ``nonfinite_skipped`` log.
-        compile: ``torch.compile`` the trained denoiser (CUDA only; a clear error on CPU).
-        gradient_checkpointing: activation checkpointing in the trained diffusers network.
+        optim: :class:`~lit_distill.methods.settings.Optim` (AdamW, gradient clipping).
+        runtime: :class:`~lit_distill.methods.settings.Runtime` (seed, nan_policy, compile, gradient_checkpointing).
+        eval_prompts: prompts cycled by ``generate_eval_samples`` when the caller gives none (None: the empty
+            prompt).
+    Subclasses call :meth:`save_settings` in their ``__init__`` (hyper-parameters with the groups as dicts).
     """
 
     method: ClassVar[str] = "base"
     #: settings that a run resumed from a checkpoint cannot change, and why (any other change takes effect and is
-    #: logged; see ``lit_distill.utils.resume``). Names absent from a method's arguments are ignored.
+    #: logged; see ``lit_distill.utils.resume``), a field of a settings group as ``group.field``. Names absent from a
+    #: method's arguments are ignored.
     fixed_on_resume: ClassVar[dict[str, str]] = {
         **dict.fromkeys(("model", "model_kwargs", "teacher", "teacher_kwargs"),
                         "the trained networks were built from it and now come from the checkpoint, so a change "
                         "would be ignored"),
-        **dict.fromkeys(("generator_init", "classifier_init"), "the networks were initialised when the run started"),
-        **dict.fromkeys(("lora_rank", "feature_layer", "head_channels", "reference", "reference_dtype", "advantage"),
+        **dict.fromkeys(("generator.init", "classifier.init"), "the networks were initialised when the run started"),
+        **dict.fromkeys(("lora_rank", "classifier.feature_layer", "classifier.head_channels", "policy.reference",
+                         "policy.reference_dtype", "policy.advantage"),
                         "the checkpoint's weights (or its reference copy, or running reward statistics) were "
                         "built for that value"),
-        **dict.fromkeys(("backtracking", "num_checkpoints"), "the recorded degradation path depends on it"),
+        **dict.fromkeys(("backtracking", "stages.num_checkpoints"), "the recorded degradation path depends on it"),
     }
     #: ``lit_distill.protocols.DistributedHints``: True where a backward may leave trained parameters unused.
     ddp_find_unused_parameters: ClassVar[bool] = False
 
-    def __init__(self, *, lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 nan_policy: NanPolicy = "raise", compile: bool = False, gradient_checkpointing: bool = False):
+    def __init__(self, *, optim: Optim, runtime: Runtime, eval_prompts: Optional[list[str]] = None):
         super().__init__()
-        if nan_policy not in ("raise", "skip"):
-            raise ValueError(f"nan_policy={nan_policy!r}: choose 'raise' or 'skip'")
-        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
-        self.nan_policy, self.compile_denoiser, self.gradient_checkpointing = nan_policy, compile, gradient_checkpointing
+        self.optim, self.runtime = optim, runtime
+        self.eval_prompts = list(eval_prompts) if eval_prompts else None
         self.nonfinite_skipped = 0
-        self.seed = 0
-        self.eval_prompts: Optional[list[str]] = None  # prompts cycled by generate_eval_samples
+
+    @property
+    def seed(self) -> int:
+        return self.runtime.seed
+
+    def save_settings(self, ignore: Sequence[str] = ()) -> None:
+        """``save_hyperparameters`` of the calling ``__init__``'s arguments, minus ``ignore`` (arguments given as
+        objects: a model or a reward passed in Python), with the settings groups as plain dicts, so that
+        hparams.yaml is readable and checkpoints load without these classes."""
+        self.save_hyperparameters(ignore=list(ignore), frame=inspect.currentframe().f_back)
+        self.save_hyperparameters({name: plain(value) for name, value in self.hparams.items()})
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's ``load_from_checkpoint``; a checkpoint written before the settings were grouped (layout 1)
+        gets its flat hyper-parameters renamed (``settings.LEGACY_NAMES``), or a ValueError naming those that no
+        longer exist."""
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+        if checkpoint.get("lit_distill_layout", 1) < CHECKPOINT_LAYOUT:
+            method = checkpoint.get("lit_distill_method")
+            migrated = migrate_hyperparameters(method, checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY, {}))
+            known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+            if set(migrated) - known:
+                raise ValueError(f"{checkpoint_path}: written by an older lit_distill with settings "
+                                 f"{sorted(set(migrated) - known)} that {cls.__name__} no longer has; rebuild the "
+                                 "module with today's settings and load the weights (state_dict) into it")
+            kwargs = {**migrated, **kwargs}
+        del checkpoint
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # -- randomness and evaluation ---------------------------------------------------------------
     def step_generator(self, device: Optional[torch.device | str] = None) -> torch.Generator:
@@ -83,16 +112,18 @@ class DistillModule(L.LightningModule):
 
     # -- building blocks ---------------------------------------------------------------------
     def make_optimizer(self, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
+        """AdamW of ``optim`` over the trainable ``params`` (``lr`` overrides ``optim.lr``)."""
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError(f"{type(self).__name__} has no trainable parameters: check lora/freeze options")
         # fused AdamW on CUDA, unless fp16 loss scaling: Lightning cannot clip before a fused optimiser unscales
         fused = self.device.type == "cuda" and self._grad_scaler() is None
-        return torch.optim.AdamW(params, lr=lr or self.lr, betas=self.betas, weight_decay=self.weight_decay, fused=fused)
+        return torch.optim.AdamW(params, lr=lr or self.optim.lr, betas=self.optim.betas,
+                                 weight_decay=self.optim.weight_decay, fused=fused)
 
     def prepare_network(self, net: nn.Module) -> nn.Module:
-        """Apply gradient checkpointing / compile options to the trained diffusers network."""
-        if self.gradient_checkpointing:
+        """Apply the gradient checkpointing option to the trained diffusers network."""
+        if self.runtime.gradient_checkpointing:
             if not hasattr(net, "enable_gradient_checkpointing"):
                 raise ValueError(f"gradient_checkpointing=True but {type(net).__name__} does not support it")
             net.enable_gradient_checkpointing()
@@ -101,7 +132,7 @@ class DistillModule(L.LightningModule):
     def maybe_compile(self, net: nn.Module) -> None:
         """Compile ``net``'s forward in place (``nn.Module.compile``: parameters and state-dict keys are
         unchanged) when ``compile=True``; refuses CPU runs with a message saying what to do."""
-        if not self.compile_denoiser:
+        if not self.runtime.compile:
             return
         if self.device.type != "cuda":
             raise ValueError("compile=True needs a CUDA device; this run is on "
@@ -117,7 +148,7 @@ class DistillModule(L.LightningModule):
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return True
-        if self.nan_policy == "raise":
+        if self.runtime.nan_policy == "raise":
             kind = "not finite on another rank" if finite_here else "NaN" if bool(torch.isnan(value).any()) else "inf"
             raise NonFiniteLossError(
                 f"{type(self).__name__}: {name} is {kind} at global step {self.global_step}. Lower the learning "
@@ -126,9 +157,10 @@ class DistillModule(L.LightningModule):
         self.log("nonfinite_skipped", float(self.nonfinite_skipped))
         return False
 
-    def apply_update(self, optimizer, loss: Tensor, name: str, max_grad_norm: float | None) -> bool:
+    def apply_update(self, optimizer, loss: Tensor, name: str) -> bool:
         """One manual optimiser step on ``loss``: finite check (see :meth:`check_finite`), backward through
-        the strategy, optional clipping by global norm, step. Returns False if the update was skipped."""
+        the strategy, clipping to ``optim.max_grad_norm``, step. Returns False if the update was skipped."""
+        max_grad_norm = self.optim.max_grad_norm
         if not self.check_finite(name, loss):
             return False
         optimizer.zero_grad(set_to_none=True)
@@ -184,6 +216,7 @@ class DistillModule(L.LightningModule):
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lit_distill_method"] = self.method
+        checkpoint["lit_distill_layout"] = CHECKPOINT_LAYOUT
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
         if self._trainer is not None:
             checkpoint["run_settings"] = run_settings(self.trainer)
@@ -202,7 +235,10 @@ class DistillModule(L.LightningModule):
         """Compare this run's settings (``hparams``, the trainer's ``run_settings``) with the checkpoint's: refuse a
         change listed in ``fixed_on_resume`` or one that changes the networks' structure, log every other change."""
         what = f"{type(self).__name__} from global step {checkpoint.get('global_step')}"
-        changes = changed_settings(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
+        saved = checkpoint.get("hyper_parameters", {})
+        if checkpoint.get("lit_distill_layout", 1) < CHECKPOINT_LAYOUT:  # flat names of older versions
+            saved = migrate_hyperparameters(self.method, saved)
+        changes = changed_settings(flat_settings(saved), flat_settings(dict(self.hparams)))
         refuse_changes(changes, self.fixed_on_resume, what)
         saved_keys, keys = set(checkpoint.get("state_dict", {})), set(self.state_dict())
         if saved_keys and saved_keys != keys:  # (a sharded checkpoint loads its weights in place: no "state_dict")
@@ -245,5 +281,5 @@ def check_at_least_one(**values: int) -> None:
 def check_positive(**values: float) -> None:
     """Raise a ValueError naming the first argument that is not > 0."""
     for name, v in values.items():
-        if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+        if not (isinstance(v, (int, float)) and v > 0):
             raise ValueError(f"{name}={v!r} must be a positive number")

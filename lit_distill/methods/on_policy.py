@@ -1,8 +1,8 @@
 """What TeacherRL and OPDStudent share: a trained denoiser that samples its own training data.
 
 The module owns the trained model (full fine-tune or LoRA), the sampling grid and per-step noise
-levels, prompt encoding (frozen text encoder), the rollout through the one shared sampler, and the
-recomputation of the kernel of chosen (sample, step) pairs with gradient.
+levels, prompt encoding (frozen text encoder), the rollout through the one shared sampler, the
+recomputation of the kernel of chosen (sample, step) pairs with gradient, and their minibatches.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from ..diffusion.schedules import SamplingGrid
 from ..models.diffusion_model import DiffusionModel
 from ..models.lora import add_lora, merge_lora, save_lora
 from ..utils import eval_mode
-from .base import DistillModule, check_at_least_one
+from .base import DistillModule
+from .settings import Optim, Runtime, Sampling, Updates
 from .checkpoints import load_source
 
 
@@ -43,45 +44,40 @@ class OnPolicyModule(DistillModule):
     """Base of TeacherRL and OPDStudent (see their docstrings for the arguments they add).
 
     Args:
-        model: the trained model's source (see ``load_model``); ``model_kwargs`` its loader arguments.
+        model: the trained model's source (see ``load_source``); ``model_kwargs`` its loader arguments.
         lora_rank: 0 trains the whole denoiser; > 0 trains LoRA adapters of that rank only.
-        num_steps: sampling steps of a rollout.
-        noise_level: eta (VP, DDIM) or a (rectified flow) of the stochastic steps.
-        sde_steps: which steps are stochastic (None: all); the others are ODE steps.
-        guidance_scale: classifier-free guidance in rollouts and in recomputed kernels (1: off).
-        timestep_fraction: train on the first ``int(num_steps * timestep_fraction)`` steps of each rollout only
-            (Flow-GRPO's and DiffusionOPD's ``train.timestep_fraction``; their 0.99 with 10 steps leaves out the
-            last step, whose kernel std is near zero on a flow grid).
-        eval_steps: ODE steps of evaluation samples (``generate_eval_samples``).
-        seed: base seed of rollout noise; step ``k`` on rank ``r`` draws from ``seed + k * 1009 + r``,
-            so a resumed run draws the same noise as an uninterrupted one.
-        eval_prompts: prompts cycled by ``generate_eval_samples`` when the caller gives none.
+        sampling: :class:`~lit_distill.methods.settings.Sampling` (rollouts and evaluation images).
+        updates: :class:`~lit_distill.methods.settings.Updates` (which pairs of a rollout train, in which batches).
+        optim, runtime, eval_prompts: see :class:`~lit_distill.methods.base.DistillModule`.
+
+    One training step (``trainer.global_step`` + 1, what ``max_steps`` counts) is one prompt batch: its
+    rollouts, then every optimiser update on them (``inner_epochs`` passes of minibatches).
     """
 
-    def __init__(self, model: str, model_kwargs: Optional[dict], *, lora_rank: int, num_steps: int,
-                 noise_level: float, sde_steps: Optional[Sequence[int]], guidance_scale: float,
-                 eval_steps: int, seed: int, timestep_fraction: float = 1.0,
-                 eval_prompts: Optional[list[str]] = None, **base: Any):
-        super().__init__(**base)
-        check_at_least_one(num_steps=num_steps, eval_steps=eval_steps)
-        if not 0 < timestep_fraction <= 1 or int(num_steps * timestep_fraction) < 1:
-            raise ValueError(f"timestep_fraction={timestep_fraction}: need 0 < timestep_fraction <= 1 with at least "
-                             f"one of the num_steps={num_steps} steps trained (int(num_steps * timestep_fraction) >= 1)")
+    def __init__(self, model: "str | DiffusionModel", model_kwargs: Optional[dict], *, lora_rank: int,
+                 sampling: Sampling, updates: Updates, optim: Optim, runtime: Runtime,
+                 eval_prompts: Optional[list[str]]):
+        super().__init__(optim=optim, runtime=runtime, eval_prompts=eval_prompts)
+        if int(sampling.num_steps * updates.timestep_fraction) < 1:
+            raise ValueError(f"updates.timestep_fraction={updates.timestep_fraction}: with sampling.num_steps="
+                             f"{sampling.num_steps} no step would be trained; need int(num_steps * timestep_fraction) "
+                             ">= 1")
+        self.sampling, self.updates, self.lora_rank = sampling, updates, int(lora_rank)
         self.model: DiffusionModel = load_source(model, **(model_kwargs or {}))
         self.model.requires_grad_(False)
-        if lora_rank > 0:
-            add_lora(self.model.net, rank=lora_rank)
+        if self.lora_rank > 0:
+            add_lora(self.model.net, rank=self.lora_rank)
         else:
             self.model.net.requires_grad_(True)
         self.prepare_network(self.model.net)
-        self.num_steps, self.guidance_scale, self.eval_steps, self.seed = num_steps, guidance_scale, eval_steps, seed
-        self.eval_prompts = eval_prompts
-        self.levels = noise_levels(num_steps, noise_level, sde_steps)
-        grid = self.model.schedule.grid(num_steps)
+        self.levels = noise_levels(sampling.num_steps, sampling.noise_level, sampling.sde_steps)
+        grid = self.model.schedule.grid(sampling.num_steps)
         # host copy of each step's kernel std: which steps have a density, known without a device sync
         self.step_stds = [float(self.model.schedule.kernel_std(grid.at(i), level)) for i, level in enumerate(self.levels)]
         self.step_lengths = (grid.sigma_t - grid.sigma_s).tolist()  # how far each step moves the noise level
-        self.train_steps = int(num_steps * timestep_fraction)  # steps 0 .. train_steps - 1 enter the loss
+        self.train_steps = int(sampling.num_steps * updates.timestep_fraction)  # steps 0 .. train_steps - 1 train
+        # log-densities and KLs of a step: summed over the D elements of a sample, or per element
+        self.reduction_scale = 1.0 if updates.reduction == "sum" else 1.0 / torch.Size(self.model.sample_shape).numel()
         self._grids: dict[tuple, SamplingGrid] = {}
 
     def setup(self, stage: str) -> None:
@@ -89,7 +85,7 @@ class OnPolicyModule(DistillModule):
 
     # -- pieces ---------------------------------------------------------------------------------
     def grid(self, num_steps: Optional[int] = None) -> SamplingGrid:
-        key = (num_steps or self.num_steps, str(self.device))
+        key = (num_steps or self.sampling.num_steps, str(self.device))
         if key not in self._grids:
             self._grids[key] = self.model.schedule.grid(key[0], device=self.device)
         return self._grids[key]
@@ -98,7 +94,7 @@ class OnPolicyModule(DistillModule):
     def encode(self, prompts: Sequence[str]) -> tuple[Optional[dict], Optional[dict]]:
         """``(cond, uncond)`` for the prompts; ``uncond`` only when guidance is on."""
         cond = self.model.encode_prompts(list(prompts))
-        uncond = self.model.null_cond(len(prompts)) if self.guidance_scale != 1.0 else None
+        uncond = self.model.null_cond(len(prompts)) if self.sampling.guidance_scale != 1.0 else None
         return cond, uncond
 
     @torch.no_grad()
@@ -108,7 +104,8 @@ class OnPolicyModule(DistillModule):
         noise = torch.randn((batch_size,) + model.sample_shape, generator=generator, device=self.device)
         with eval_mode(model):
             return rollout(model, noise, cond, model.schedule, self.grid(), noise_level=self.levels,
-                           generator=generator, guidance_scale=self.guidance_scale, uncond=uncond, store_means=False)
+                           generator=generator, guidance_scale=self.sampling.guidance_scale, uncond=uncond,
+                           store_means=False)
 
     def kernel(self, model: DiffusionModel, traj: Trajectory, rows: Tensor, steps: Tensor,
                cond: Optional[dict], uncond: Optional[dict],
@@ -121,7 +118,7 @@ class OnPolicyModule(DistillModule):
         pick = lambda c: None if c is None else {k: v[rows] for k, v in c.items()}  # noqa: E731
         x = traj.latents[rows, steps]
         grid = self.grid().at(steps)
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        scale = self.sampling.guidance_scale if guidance_scale is None else guidance_scale
         prediction = guided_prediction(model, x, grid.timesteps, pick(cond), pick(uncond), scale)
         levels = traj.noise_levels[steps]
         return model.schedule.kernel(prediction.float(), x, grid, levels)
@@ -142,6 +139,12 @@ class OnPolicyModule(DistillModule):
         rows = torch.arange(batch).repeat_interleave(k)
         return rows, chosen.flatten()
 
+    def minibatches(self, num_pairs: int, generator: torch.Generator) -> Iterator[Tensor]:
+        """Index chunks (CPU LongTensors) of ``updates.minibatch_size`` pairs: ``updates.inner_epochs`` passes, each
+        in a new random order from ``generator``."""
+        for _ in range(self.updates.inner_epochs):
+            yield from torch.randperm(num_pairs, generator=generator).split(self.updates.minibatch_size)
+
     # -- evaluation, export --------------------------------------------------------------------------
     @torch.no_grad()
     def generate_eval_samples(self, n: int, generator: torch.Generator,
@@ -152,14 +155,14 @@ class OnPolicyModule(DistillModule):
         noise = torch.randn((n,) + self.model.sample_shape, generator=generator, device=generator.device)
         with eval_mode(self.model):
             cond, uncond = self.encode(prompts)
-            x = sample(self.model, noise.to(self.device), cond, self.model.schedule, self.eval_steps,
-                       guidance_scale=self.guidance_scale, uncond=uncond)
+            x = sample(self.model, noise.to(self.device), cond, self.model.schedule, self.sampling.eval_steps,
+                       guidance_scale=self.sampling.guidance_scale, uncond=uncond)
             return self.model.decode(x)
 
     @contextmanager
     def exported_model(self) -> Iterator[DiffusionModel]:
         """The trained model as exported: ``self.model``, or a copy with the LoRA adapters merged."""
-        if self.hparams.get("lora_rank", 0) > 0:
+        if self.lora_rank > 0:
             merged = copy.deepcopy(self.model)
             merged.net = merge_lora(merged.net)
             yield merged
@@ -171,13 +174,13 @@ class OnPolicyModule(DistillModule):
         (LoRA merged into a copy) and, when training LoRA, the adapter alone under ``path/lora`` in the
         diffusers format (``pipe.load_lora_weights(path/"lora")``)."""
         path = super().export(path)
-        if self.hparams.get("lora_rank", 0) > 0:
+        if self.lora_rank > 0:
             save_lora(self.model.net, path / "lora")  # after save_pretrained, which replaces the directory
         return path
 
     def images_per_batch(self, batch: dict[str, Any]) -> int:
         """Rollouts of one training step: prompts x rollouts per prompt."""
-        return len(batch["prompt"]) * self.rollouts_per_prompt
+        return len(batch["prompt"]) * self.sampling.rollouts_per_prompt
 
     def configure_optimizers(self):
         return self.make_optimizer(self.model.net.parameters())

@@ -33,6 +33,7 @@ from ..models.diffusion_model import DiffusionModel
 from ..models.ema import EMA
 from ..utils import eval_mode
 from .base import DistillModule, check_positive, module_args
+from .settings import Optim, Runtime
 from .checkpoints import load_source
 
 INITS = ("teacher", "random")
@@ -100,8 +101,9 @@ class OneStepModule(DistillModule, abc.ABC):
                  t_min: float = 0.02, t_max: float = 0.98, weighting: str = "x0", max_grad_norm: Optional[float] = 10.0,
                  ema_decay: float = 0.99, eval_prompts: Optional[list[str]] = None, seed: int = 0,
                  nan_policy: str = "raise", compile: bool = False, gradient_checkpointing: bool = False):
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, nan_policy=nan_policy, compile=compile,
-                         gradient_checkpointing=gradient_checkpointing)
+        super().__init__(optim=Optim(lr=lr, betas=betas, weight_decay=weight_decay, max_grad_norm=max_grad_norm),
+                         runtime=Runtime(seed=seed, nan_policy=nan_policy, compile=compile,
+                                         gradient_checkpointing=gradient_checkpointing), eval_prompts=eval_prompts)
         self.save_hyperparameters(ignore=module_args(teacher=teacher))
         self.automatic_optimization = False
         if not 0.0 <= t_min < t_max <= 1.0:
@@ -112,8 +114,7 @@ class OneStepModule(DistillModule, abc.ABC):
             raise ValueError(f"aux_updates_per_generator_update={aux_updates_per_generator_update} must be >= 1")
         check_positive(lr=lr, **({} if aux_lr is None else {"aux_lr": aux_lr}))
         self.aux_lr, self.ratio = aux_lr or lr, int(aux_updates_per_generator_update)
-        self.t_min, self.t_max, self.weighting, self.max_grad_norm = t_min, t_max, weighting, max_grad_norm
-        self.seed, self.eval_prompts = seed, eval_prompts
+        self.t_min, self.t_max, self.weighting = t_min, t_max, weighting
 
         teacher_model = load_source(teacher, **(teacher_kwargs or {})).freeze_()
         denoiser = trainable_copy(teacher_model, generator_init, seed)
@@ -147,11 +148,10 @@ class OneStepModule(DistillModule, abc.ABC):
 
     @staticmethod
     def captions_of(batch: dict) -> list[str]:
-        for key in ("caption", "prompt"):
-            if key in batch:
-                return list(batch[key])
-        raise ValueError(f"batch has no 'caption' or 'prompt' field (keys: {sorted(batch)}); use ImageDataModule "
-                         "or PromptDataModule")
+        if "prompt" not in batch:
+            raise ValueError(f"batch has no 'prompt' field (keys: {sorted(batch)}); use ImageDataModule or "
+                             "PromptDataModule")
+        return list(batch["prompt"])
 
     def encode(self, captions: Sequence[str]) -> Optional[dict]:
         """Prompt conditioning (frozen text encoder, no graph); None for unconditional models."""
@@ -216,7 +216,7 @@ class OneStepModule(DistillModule, abc.ABC):
 
     # -- Lightning ---------------------------------------------------------------------------------
     def configure_optimizers(self):
-        generator = self.make_optimizer(self.model.net.parameters(), lr=self.lr)
+        generator = self.make_optimizer(self.model.net.parameters())
         auxiliary = self.make_optimizer(self.auxiliary_parameters(), lr=self.aux_lr)
         return [generator, auxiliary]
 
@@ -224,7 +224,7 @@ class OneStepModule(DistillModule, abc.ABC):
         """Compute ``loss_fn()`` with only ``optimizer``'s parameters requiring grad, then step it."""
         with self.toggled_optimizer(optimizer):
             loss = loss_fn()
-            if not self.apply_update(optimizer, loss, name, self.max_grad_norm):
+            if not self.apply_update(optimizer, loss, name):
                 return None
             optimizer.zero_grad(set_to_none=True)
         return loss.detach()

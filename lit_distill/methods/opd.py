@@ -11,41 +11,29 @@ from ..diffusion import Trajectory
 from ..losses import per_step_kl
 from ..models.diffusion_model import DiffusionModel
 from ..protocols import PromptSource
-from .base import check_at_least_one, module_args
+from .base import module_args
 from .checkpoints import load_source
 from .on_policy import OnPolicyModule
-
-
-STEP_WEIGHTINGS = ("kl", "mean", "kl_dt")
+from .settings import Distillation, Optim, Runtime, Sampling, Updates, groups
 
 
 class OPDStudent(OnPolicyModule):
     """A multi-task student trained on its own rollouts to match the routed teacher's kernels.
 
     Each training step: a batch of prompts with task tags; the student rolls out
-    (``rollouts_per_prompt`` each) with the shared rollout function; at (sample, step) pairs the student's
-    kernel mean is recomputed with gradient and the routed teacher's on the same ``x_t`` without; the
+    (``sampling.rollouts_per_prompt`` each) with the shared rollout function; at (sample, step) pairs the
+    student's kernel mean is recomputed with gradient and the routed teacher's on the same ``x_t`` without; the
     loss is the closed-form per-step KL ``||mu_s - mu_T||^2 / (2 std^2)`` on stochastic steps and
-    ``ode_weight * ||mu_s - mu_T||^2`` on ODE steps, weighted by :meth:`step_weight`, averaged over the pairs of
-    the first ``int(num_steps * timestep_fraction)`` steps.
+    ``distill.ode_weight * ||mu_s - mu_T||^2`` on ODE steps, weighted by :meth:`step_weight`, averaged over the
+    pairs of the first ``int(num_steps * updates.timestep_fraction)`` steps.
 
     Args (beyond :class:`OnPolicyModule`'s):
         teachers: ``{teacher_name: model source}``, one frozen teacher per task (a directory saved by
-            TeacherRL's export, or any source ``load_model`` accepts).
+            TeacherRL's export, a checkpoint, or any source ``load_source`` accepts).
         teacher_dtype: e.g. ``"bfloat16"`` for the cheap form of frozen teachers (None: the student's).
         teacher_guidance: ``{teacher_name: guidance scale}`` of each teacher's kernels (DiffusionOPD gives each
-            teacher its own); teachers not named use ``guidance_scale``, the student's.
-        rollouts_per_prompt: student rollouts per prompt of the batch.
-        steps_per_sample: random steps per rollout that enter the loss (None: all steps).
-        minibatch_size: (sample, step) pairs per optimiser step.
-        ode_weight: weight of mean matching on deterministic steps.
-        step_weighting: the default of :meth:`step_weight`: ``"kl"`` (every step's exact KL: their sum is the
-            KL of the whole path, dominated by the low-noise late steps, where the std is smallest); ``"mean"``
-            (each stochastic step's KL times ``2 std^2``: plain mean matching ``||mu_s - mu_T||^2`` on every
-            step, what DiffusionOPD trains with its default noise level 0); ``"kl_dt"`` (each KL times the
-            step's length ``sigma_t - sigma_s``: ``||mu_s - mu_T||^2 / (2 sigma_t^2)`` with the SDE's noise
-            level ``sigma_t``, the per-step loss of DiffusionOPD's training script with noise).
-        kl_reduction: ``"sum"`` (the exact KL of the whole sample) or ``"mean"`` (divided by elements D).
+            teacher its own); teachers not named use ``sampling.guidance_scale``, the student's.
+        distill: :class:`~lit_distill.methods.settings.Distillation` (ODE-step weight, weighting over steps).
 
     Teachers are kept out of the student's ``state_dict`` (they are reloaded from their sources) and are
     replicated on every device, never sharded or trained. Seams: :meth:`route` (task -> teacher) and
@@ -54,32 +42,22 @@ class OPDStudent(OnPolicyModule):
 
     method = "opd"
 
-    def __init__(self, model: str = "embedded:base", teachers: Optional[dict[str, Any]] = None,
+    def __init__(self, model: "str | DiffusionModel" = "embedded:base", teachers: Optional[dict[str, Any]] = None,
                  model_kwargs: Optional[dict] = None, *, teacher_dtype: Optional[str] = None,
                  teacher_guidance: Optional[dict[str, float]] = None, lora_rank: int = 0,
-                 num_steps: int = 10, noise_level: float = 0.7, sde_steps: Optional[Sequence[int]] = None,
-                 guidance_scale: float = 1.0, timestep_fraction: float = 0.99, eval_steps: int = 20,
-                 rollouts_per_prompt: int = 1,
-                 steps_per_sample: Optional[int] = None, minibatch_size: int = 64, ode_weight: float = 1.0,
-                 step_weighting: str = "mean",
-                 kl_reduction: str = "sum", max_grad_norm: Optional[float] = 1.0, lr: float = 1e-5,
-                 weight_decay: float = 0.0, nan_policy: str = "raise", compile: bool = False,
-                 gradient_checkpointing: bool = False, seed: int = 0):
-        super().__init__(model, model_kwargs, lora_rank=lora_rank, num_steps=num_steps, noise_level=noise_level,
-                         sde_steps=sde_steps, guidance_scale=guidance_scale, eval_steps=eval_steps, seed=seed,
-                         timestep_fraction=timestep_fraction, lr=lr, weight_decay=weight_decay, nan_policy=nan_policy,
-                         compile=compile, gradient_checkpointing=gradient_checkpointing)
-        self.save_hyperparameters(ignore=module_args(model=model) + (
+                 sampling: Sampling = Sampling(rollouts_per_prompt=1),
+                 updates: Updates = Updates(timestep_fraction=0.99), distill: Distillation = Distillation(), optim: Optim = Optim(lr=1e-5), runtime: Runtime = Runtime(),
+                 eval_prompts: Optional[list[str]] = None):
+        sampling, updates, distill, optim, runtime = groups(
+            OPDStudent, sampling=sampling, updates=updates, distill=distill, optim=optim, runtime=runtime)
+        super().__init__(model, model_kwargs, lora_rank=lora_rank, sampling=sampling, updates=updates, optim=optim,
+                         runtime=runtime, eval_prompts=eval_prompts)
+        self.save_settings(ignore=module_args(model=model) + (
             ["teachers"] if any(not isinstance(t, str) for t in (teachers or {}).values()) else []))
         self.automatic_optimization = False
-        check_at_least_one(rollouts_per_prompt=rollouts_per_prompt, minibatch_size=minibatch_size)
         if not teachers:
             raise ValueError("teachers is empty: give {task: model source} for every task of the prompt set")
-        if step_weighting not in STEP_WEIGHTINGS:
-            raise ValueError(f"step_weighting={step_weighting!r}: choose one of {list(STEP_WEIGHTINGS)}")
-        self.step_weighting = step_weighting
-        if kl_reduction not in ("sum", "mean"):
-            raise ValueError(f"kl_reduction={kl_reduction!r}: choose 'sum' or 'mean'")
+        self.distill = distill
         dtype = getattr(torch, teacher_dtype) if teacher_dtype else None
         # a plain dict, not a ModuleDict: teachers stay out of checkpoints and optimisers
         self.teachers: dict[str, DiffusionModel] = {}
@@ -93,11 +71,8 @@ class OPDStudent(OnPolicyModule):
         unknown = sorted(set(teacher_guidance or {}) - set(self.teachers))
         if unknown:
             raise ValueError(f"teacher_guidance names {unknown}, which are not teachers ({sorted(self.teachers)})")
-        self.teacher_guidance = {name: float((teacher_guidance or {}).get(name, guidance_scale)) for name in self.teachers}
-        self.cfg = dict(rollouts_per_prompt=rollouts_per_prompt, steps_per_sample=steps_per_sample,
-                        minibatch_size=minibatch_size, ode_weight=ode_weight, max_grad_norm=max_grad_norm)
-        self.rollouts_per_prompt = rollouts_per_prompt
-        self.kl_scale = 1.0 if kl_reduction == "sum" else 1.0 / torch.Size(self.model.sample_shape).numel()
+        self.teacher_guidance = {name: float((teacher_guidance or {}).get(name, sampling.guidance_scale))
+                                 for name in self.teachers}
 
     # -- seams ----------------------------------------------------------------------------------
     def route(self, task: str) -> str:
@@ -106,12 +81,12 @@ class OPDStudent(OnPolicyModule):
 
     def step_weight(self, steps: Tensor) -> Tensor:
         """Loss weight of each pair's step ``[M]`` (1 on ODE steps, whose loss is mean matching already); on
-        stochastic steps: 1 (``step_weighting="kl"``), ``2 std^2`` (``"mean"``) or the step length
+        stochastic steps: 1 (``distill.step_weighting="kl"``), ``2 std^2`` (``"mean"``) or the step length
         ``sigma_t - sigma_s`` (``"kl_dt"``). Override for any other weighting over time."""
         stds = torch.tensor(self.step_stds, device=steps.device)[steps]
-        if self.step_weighting == "kl":
+        if self.distill.step_weighting == "kl":
             weight = torch.ones_like(stds)
-        elif self.step_weighting == "mean":
+        elif self.distill.step_weighting == "mean":
             weight = 2 * stds**2
         else:
             weight = torch.tensor(self.step_lengths, device=steps.device, dtype=stds.dtype)[steps]
@@ -148,23 +123,22 @@ class OPDStudent(OnPolicyModule):
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        cfg = self.cfg
         self.check_tasks(batch["task"])
-        repeat = cfg["rollouts_per_prompt"]
+        repeat = self.sampling.rollouts_per_prompt
         prompts = [p for p in batch["prompt"] for _ in range(repeat)]
         tasks = [t for t in batch["task"] for _ in range(repeat)]
         cond, uncond = self.encode(prompts)
         traj = self.sample_trajectories(self.model, cond, uncond, len(prompts), self.step_generator())
-        cpu_gen = self.step_generator(torch.device("cpu"))
-        rows, steps = self.training_pairs(traj, cfg["steps_per_sample"], cpu_gen, stochastic_only=False)
+        cpu_gen = self.step_generator("cpu")
+        rows, steps = self.training_pairs(traj, self.updates.steps_per_sample, cpu_gen, stochastic_only=False)
         opt, losses = self.optimizers(), defaultdict(list)
-        for chunk in torch.randperm(len(rows), generator=cpu_gen).split(cfg["minibatch_size"]):
+        for chunk in self.minibatches(len(rows), cpu_gen):
             target = self.teacher_means(traj, rows[chunk], steps[chunk], prompts, tasks)
             r, s = rows[chunk].to(self.device), steps[chunk].to(self.device)
             mean, std = self.kernel(self.model, traj, r, s, cond, uncond)
-            per_pair = per_step_kl(mean, target, std, cfg["ode_weight"]) * self.kl_scale * self.step_weight(s)
+            per_pair = per_step_kl(mean, target, std, self.distill.ode_weight) * self.reduction_scale * self.step_weight(s)
             loss = per_pair.mean()
-            if not self.apply_update(opt, loss, "per-step KL loss", cfg["max_grad_norm"]):
+            if not self.apply_update(opt, loss, "per-step KL loss"):
                 continue
             losses["all"].append(loss.detach())
             chunk_tasks = [tasks[r] for r in rows[chunk].tolist()]

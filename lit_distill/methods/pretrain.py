@@ -13,11 +13,12 @@ from ..models.ema import EMA
 from ..utils import eval_mode
 from ..utils.images import check_images
 from .base import DistillModule, module_args
+from .settings import Optim, Runtime, groups
 from .checkpoints import load_source
 
 
 class DiffusionPretrain(DistillModule):
-    """Trains ``model`` (text encoder included, when it has one) on image/caption batches.
+    """Trains ``model`` (text encoder included, when it has one) on image/prompt batches.
 
     Args:
         model: where the model comes from: ``"embedded"`` (a fresh tiny text-conditional UNet, see
@@ -25,24 +26,25 @@ class DiffusionPretrain(DistillModule):
             diffusers-style directory.
         model_kwargs: builder arguments for ``"embedded"`` (``resolution``, ``family``,
             ``prediction_type``, ``block_channels``...).
-        caption_dropout: probability of training on the empty prompt (enables classifier-free guidance).
+        prompt_dropout: probability of training on the empty prompt (enables classifier-free guidance).
         train_text_encoder: also train the prompt encoder (the embedded one starts from random weights).
         ema_decay: EMA of the trained weights; the EMA weights are evaluated and exported.
         eval_steps: ODE steps of ``generate_eval_samples`` (FID and reward callbacks, grids).
-        eval_prompts: prompts cycled by ``generate_eval_samples`` when the caller gives none.
-    Batches: ``{"image": [B, C, H, W] in [-1, 1], "caption": list[str], ...}`` (``ImageDataModule``).
+        optim, runtime, eval_prompts: see :class:`~lit_distill.methods.base.DistillModule` (no gradient clipping
+            unless ``optim.max_grad_norm`` is set).
+    Batches: ``{"image": [B, C, H, W] in [-1, 1], "prompt": list[str], ...}`` (``ImageDataModule``). One
+    training step is one batch and one optimiser update.
     """
 
     method = "pretrain"
 
-    def __init__(self, model: str = "embedded", model_kwargs: Optional[dict] = None, *, lr: float = 1e-3,
-                 weight_decay: float = 0.0, caption_dropout: float = 0.1, train_text_encoder: bool = True,
-                 ema_decay: float = 0.999, nan_policy: str = "raise",
-                 compile: bool = False, gradient_checkpointing: bool = False, seed: int = 0, eval_steps: int = 20,
+    def __init__(self, model: "str | DiffusionModel" = "embedded", model_kwargs: Optional[dict] = None, *,
+                 prompt_dropout: float = 0.1, train_text_encoder: bool = True, ema_decay: float = 0.999,
+                 eval_steps: int = 20, optim: Optim = Optim(lr=1e-3, max_grad_norm=None), runtime: Runtime = Runtime(),
                  eval_prompts: Optional[list[str]] = None):
-        super().__init__(lr=lr, weight_decay=weight_decay, nan_policy=nan_policy, compile=compile,
-                         gradient_checkpointing=gradient_checkpointing)
-        self.save_hyperparameters(ignore=module_args(model=model))
+        optim, runtime = groups(DiffusionPretrain, optim=optim, runtime=runtime)
+        super().__init__(optim=optim, runtime=runtime, eval_prompts=eval_prompts)
+        self.save_settings(ignore=module_args(model=model))
         self.model = load_source(model, **(model_kwargs or {}))
         self.prepare_network(self.model.net)
         if self.model.vae is not None:
@@ -50,8 +52,7 @@ class DiffusionPretrain(DistillModule):
         if self.model.text_encoder is not None:
             self.model.text_encoder.requires_grad_(train_text_encoder)
         self.ema = EMA(self.model, decay=ema_decay)
-        self.caption_dropout = caption_dropout
-        self.seed, self.eval_steps, self.eval_prompts = seed, eval_steps, eval_prompts
+        self.prompt_dropout, self.eval_steps = prompt_dropout, eval_steps
 
     def setup(self, stage: str) -> None:
         self.maybe_compile(self.model.net)
@@ -63,11 +64,11 @@ class DiffusionPretrain(DistillModule):
             check_images(images, channels=c, size=(h, w), name='batch["image"] (set the data module\'s resolution '
                          "and channels to the model's sample_shape)")
         x0 = self.model.encode_images(images) if self.model.vae is not None else images
-        captions = list(batch["caption"])
-        if self.training and self.caption_dropout > 0:
-            drop = torch.rand(len(captions), generator=self.step_generator("cpu")) < self.caption_dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        cond = self.model.encode_prompts(captions)
+        prompts = list(batch["prompt"])
+        if self.training and self.prompt_dropout > 0:
+            drop = torch.rand(len(prompts), generator=self.step_generator("cpu")) < self.prompt_dropout
+            prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        cond = self.model.encode_prompts(prompts)
         return denoising_loss(self.model, self.model.schedule, x0.float(), cond, generator=generator)
 
     def training_step(self, batch: dict, batch_idx: int):
@@ -87,6 +88,13 @@ class DiffusionPretrain(DistillModule):
 
     def configure_optimizers(self):
         return self.make_optimizer(self.model.parameters())
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """``optim.max_grad_norm`` (the Trainer's ``gradient_clip_val`` when that is not set)."""
+        if self.optim.max_grad_norm:
+            self.clip_grad_norm(optimizer, self.optim.max_grad_norm)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def images_per_batch(self, batch: dict) -> int:
         """Images trained on per step (pretraining generates none)."""
