@@ -31,8 +31,8 @@ from lit_distill.pipeline import DIGIT_PROMPTS, ensure_embedded_base  # noqa: E4
 SYSTEMS = {
     "disback": (DisBackStudent, {"backtracking": True}),
     "diff_instruct": (DisBackStudent, {"backtracking": False}),
-    "nodistill_teacher_init": (NoDistillOneStep, {"generator_init": "teacher", "classifier_init": "teacher"}),
-    "nodistill_random_init": (NoDistillOneStep, {"generator_init": "random", "classifier_init": "random"}),
+    "nodistill_teacher_init": (NoDistillOneStep, {"generator": {"init": "teacher"}, "classifier": {"init": "teacher"}}),
+    "nodistill_random_init": (NoDistillOneStep, {"generator": {"init": "random"}, "classifier": {"init": "random"}}),
 }
 
 
@@ -90,7 +90,7 @@ def parse(argv=None):
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--systems", nargs="*", default=list(SYSTEMS))
     p.add_argument("--override", type=json.loads, default={}, help="JSON of keyword arguments given to every "
-                   "system's module, e.g. '{\"betas\": [0.0, 0.999]}'")
+                   "system's module, e.g. '{\"optim\": {\"betas\": [0.0, 0.999]}}'")
     p.add_argument("--ablations", type=json.loads, default={},
                    help='variants of one system, \'{"NAME": {"system": "disback", "settings": {...}}}\'')
     p.add_argument("--work", default="runs/bench_one_step")
@@ -127,18 +127,30 @@ def unit_file(args, seed: int, system: str) -> Path:
     return Path(args.work) / f"seed{seed}" / f"{system}.json"
 
 
+def merged(*settings: dict) -> dict:
+    """Keyword arguments of several sources, later ones first; a settings group (a dict) is merged field by field,
+    so an override ``{"stages": {"num_checkpoints": 2}}`` keeps the group's other fields."""
+    out: dict = {}
+    for layer in settings:
+        for key, value in layer.items():
+            out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def module_for(args, system: str, seed: int, updates: int):
     """The module of ``system`` (a key of SYSTEMS, or of ``--ablations``) for ``seed``."""
     base = ensure_embedded_base(cache_dir=args.cache_dir)
     ablation = args.ablations.get(system)
     name = ablation["system"] if ablation else system
     cls, kwargs = SYSTEMS[name]
-    kwargs = {**kwargs, "seed": seed, "eval_prompts": DIGIT_PROMPTS, **args.override,
-              **(ablation["settings"] if ablation else {})}
-    targets = kwargs.get("num_checkpoints", 4) - 1
-    if name == "disback" and targets > 0 and "iterations_per_stage" not in kwargs:
+    kwargs = merged({**kwargs, "runtime": {"seed": seed}, "eval_prompts": DIGIT_PROMPTS}, args.override,
+                    ablation["settings"] if ablation else {})
+    stages = dict(kwargs.get("stages", {}))
+    targets = stages.get("num_checkpoints", 4) - 1
+    if name == "disback" and targets > 0 and "iterations_per_stage" not in stages:
         # the paper's share of the budget on the intermediate targets, the rest on the teacher
-        kwargs["iterations_per_stage"] = max(1, round(args.intermediate_share * updates / targets))
+        stages["iterations_per_stage"] = max(1, round(args.intermediate_share * updates / targets))
+        kwargs["stages"] = stages
     return cls(str(base), **kwargs)
 
 

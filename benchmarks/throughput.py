@@ -243,14 +243,14 @@ def build_module(method: str, spec: Spec, device, *, gradient_checkpointing: boo
     if method == "disback":
         from lit_distill.methods.disback import DisBackStudent
 
-        module = DisBackStudent(model, backtracking=True, num_checkpoints=2, iterations_per_stage=10**9,
-                                aux_updates_per_generator_update=1, lr=1e-5, **common)
-        module.stage = 1  # the backtracking stage (real score: a frozen copy; fake score and generator trained)
+        module = DisBackStudent(model, backtracking=True, stages={"num_checkpoints": 2, "iterations_per_stage": 10**9},
+                                optim={"lr": 1e-5, "aux_updates_per_generator_update": 1}, **common)
+        module.stage_schedule.next_stage()  # the backtracking stage (real score: a frozen copy; both networks trained)
         return module
     if method == "nodistill":
         from lit_distill.methods.nodistill import NoDistillOneStep
 
-        return NoDistillOneStep(model, aux_updates_per_generator_update=1, lr=1e-5, **common)
+        return NoDistillOneStep(model, optim={"lr": 1e-5, "aux_updates_per_generator_update": 1}, **common)
     if method == "pretrain":
         from lit_distill.methods.pretrain import DiffusionPretrain
 

@@ -215,9 +215,9 @@ def run_one_step(base: Path, cfg: QuickstartConfig, out: Path):
     # one intermediate target takes 10% of the generator updates, the paper's share
     recording = max(4, cfg.one_step_steps // 4)
     updates = max(1, (cfg.one_step_steps - recording) // 2)
-    module = DisBackStudent(teacher=str(base), num_checkpoints=2, max_recording_updates=recording,
-                            recording_patience=max(2, recording // 4), degradation_interval=max(1, recording // 8),
-                            iterations_per_stage=max(1, updates // 10), lr=1e-4, eval_prompts=DIGIT_PROMPTS)
+    stages = {"num_checkpoints": 2, "max_recording_updates": recording, "recording_patience": max(2, recording // 4),
+              "degradation_interval": max(1, recording // 8), "iterations_per_stage": max(1, updates // 10)}
+    module = DisBackStudent(teacher=str(base), stages=stages, optim={"lr": 1e-4}, eval_prompts=DIGIT_PROMPTS)
     fid = FIDCallback(every_n_steps=max(1, cfg.one_step_steps // 2), num_samples=500, cache_dir=cfg.cache_dir)
     data = ImageDataModule("embedded:mnist", resolution=cfg.resolution, batch_size=32, seed=cfg.seed, repeat=50)
     trainer(cfg.one_step_steps, out / "one_step", [fid]).fit(module, data)

@@ -50,7 +50,7 @@ def build(method: str, tmp_path):
         return OPDStudent("embedded", teachers, TINY, sampling={"num_steps": 2, "eval_steps": 2}), prompt_loader()
     if method == "disback":
         return DisBackStudent("embedded", TINY, backtracking=False), images
-    return NoDistillOneStep("embedded", TINY, aux_updates_per_generator_update=1), images
+    return NoDistillOneStep("embedded", TINY, optim={"aux_updates_per_generator_update": 1}), images
 
 
 def net_state(model: DiffusionModel) -> dict:

@@ -149,7 +149,7 @@ def train_disback(world: int) -> dict:
     from lit_distill.methods.disback import DisBackStudent
 
     torch.manual_seed(0)
-    module = DisBackStudent("embedded", TINY, backtracking=False, lr=1e-3)
+    module = DisBackStudent("embedded", TINY, backtracking=False, optim={"lr": 1e-3})
     initial = {k: v.detach().clone() for k, v in module.named_parameters()}
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=DiffusionDDPStrategy(), max_steps=4, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

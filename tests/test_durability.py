@@ -153,8 +153,9 @@ def test_disback_path_is_kept_in_side_files_written_once(tmp_path):
     from lit_distill.data import ImageDataModule
 
     def fit_disback(max_steps, ckpt_path=None):
-        module = DisBackStudent("embedded", TINY, num_checkpoints=3, degradation_interval=1, iterations_per_stage=1,
-                                max_recording_updates=3, lr=1e-3)
+        module = DisBackStudent("embedded", TINY, stages={"num_checkpoints": 3, "degradation_interval": 1,
+                                                          "max_recording_updates": 3, "iterations_per_stage": 1},
+                                optim={"lr": 1e-3})
         L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                   limit_val_batches=0, callbacks=[DurableCheckpoint(tmp_path, every_n_train_steps=1)]).fit(
             module, ImageDataModule("embedded:digits", resolution=8, batch_size=8, val_fraction=0.0),
@@ -174,7 +175,7 @@ def test_disback_path_is_kept_in_side_files_written_once(tmp_path):
     assert saved > 0.9 * sum(f.stat().st_size for f in side_files)
 
     module = fit_disback(5, ckpt_path=tmp_path / "last.ckpt")  # one generator update: on to stage 2, target c_1
-    assert module.stage == 2 and [f.stat().st_mtime_ns for f in side_files] == stamps  # written once
+    assert module.stage_schedule.stage == 2 and [f.stat().st_mtime_ns for f in side_files] == stamps  # written once
     c_1 = torch.load(side_files[0])
     assert all(torch.equal(v, c_1[k]) for k, v in module.real_score.net.state_dict().items())  # read back
 
@@ -189,7 +190,7 @@ def test_disback_path_is_kept_in_side_files_written_once(tmp_path):
         fit_disback(7, ckpt_path=moved / "last.ckpt")
     for f in side_files:
         (hidden / f.name).rename(moved / f.name)
-    assert fit_disback(7, ckpt_path=moved / "last.ckpt").stage == 3  # the directory moved as a whole resolves
+    assert fit_disback(7, ckpt_path=moved / "last.ckpt").stage_schedule.stage == 3  # moved as a whole: resolves
 
 
 SIGTERM_AT = textwrap.dedent('''

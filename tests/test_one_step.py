@@ -1,5 +1,6 @@
 """One-step students: the score-distillation and density-ratio gradients by hand, DisBack's stages, smoke runs."""
 import math
+from dataclasses import replace
 
 import lightning as L
 import pytest
@@ -150,11 +151,12 @@ def test_disback_stages_checkpoints_ordered_and_resumable(tmp_path, data):
     with its candidates, recording losses and stage, ends the recording (here at max_recording_updates), goes on
     to backtrack, and a checkpoint saved mid-backtracking restores the stage, the path and the current target."""
     torch.manual_seed(0)
-    kw = dict(num_checkpoints=3, degradation_interval=2, max_recording_updates=6, recording_patience=10,
-              iterations_per_stage=1, lr=1e-3, checkpoint_dir=str(tmp_path / "path"), seed=0)
+    stages = {"num_checkpoints": 3, "degradation_interval": 2, "max_recording_updates": 6, "recording_patience": 10,
+              "iterations_per_stage": 1}
+    kw = dict(stages=stages, optim={"lr": 1e-3}, checkpoint_dir=str(tmp_path / "path"), runtime={"seed": 0})
     first, t1 = DisBackStudent("embedded", TINY, **kw), trainer(3)
     t1.fit(first, data)  # 3 fake-score updates: one candidate kept, still recording
-    assert first.stage == 0 and len(first.candidates) == 1 and first.generator_updates == 0
+    assert first.stage_schedule.stage == 0 and len(first.candidates) == 1 and first.generator_updates == 0
     assert first.recording_updates == 3 and not first.path
     ckpt = tmp_path / "mid_stage1.ckpt"
     t1.save_checkpoint(ckpt)
@@ -164,7 +166,7 @@ def test_disback_stages_checkpoints_ordered_and_resumable(tmp_path, data):
     t2.fit(resumed, data, ckpt_path=ckpt)
     assert resumed.recording_updates == 6 and not resumed.candidates
     assert [p.split("/")[-1] for p in resumed.path] == [f"degradation_{k:06d}.pt" for k in (2, 4, 6)]
-    assert resumed.generator_updates == 1 and resumed.stage == 2  # 1 update per stage: now at target c_1
+    assert resumed.generator_updates == 1 and resumed.stage_schedule.stage == 2  # 1 update per stage: now at target c_1
     teacher = resumed.teacher.net.state_dict()
     path = [torch.load(p, weights_only=True) for p in resumed.path]
     distances = [params_distance(c, teacher) for c in path]
@@ -173,27 +175,30 @@ def test_disback_stages_checkpoints_ordered_and_resumable(tmp_path, data):
     ckpt2 = tmp_path / "mid_stage2.ckpt"
     t2.save_checkpoint(ckpt2)
     loaded = DisBackStudent.load_from_checkpoint(ckpt2)
-    assert loaded.stage == 2 and loaded.path == resumed.path and loaded.target_index(2) == 1
+    schedule = loaded.stage_schedule
+    assert schedule.stage == 2 and loaded.path == resumed.path and schedule.target_index(2) == 1
     assert params_distance(loaded.real_score.net.state_dict(), path[0]) == 0
-    loaded._next_stage()  # the last stage's target is the teacher
-    assert loaded.target_index(loaded.stage) == 0 and params_distance(loaded.real_score.net.state_dict(), teacher) == 0
+    schedule.next_stage()  # the last stage's target is the teacher
+    loaded.load_target()
+    assert schedule.target_index() == 0 and params_distance(loaded.real_score.net.state_dict(), teacher) == 0
 
 
 def test_disback_recording_runs_until_the_loss_converges_and_spreads_its_path():
-    """``recording_converged``: the last ``recording_patience`` losses improve by less than ``recording_tol`` on the
-    ones before (or the cap). ``path_indices``: candidates at equal steps of the smoothed loss between the start
+    """``BacktrackingSchedule.recording_converged``: the last ``recording_patience`` losses improve by less than
+    ``recording_tol`` on the ones before (or the cap). ``path_indices``: candidates at equal steps of the smoothed loss between the start
     (the teacher's score on g_0) and the end (the converged score), not at equal numbers of updates."""
-    module = DisBackStudent("embedded", TINY, num_checkpoints=4, recording_patience=10, recording_tol=0.01,
-                            max_recording_updates=500)
+    module = DisBackStudent("embedded", TINY, stages={"num_checkpoints": 4, "recording_patience": 10,
+                                                      "recording_tol": 0.01, "max_recording_updates": 500})
+    schedule = module.stage_schedule
     losses = [1.0 + 9.0 * math.exp(-u / 20) for u in range(400)]  # falls fast, then flattens at 1
-    stop = next(u for u in range(1, 401) if module.recording_converged(losses[:u]))
+    stop = next(u for u in range(1, 401) if schedule.recording_converged(losses[:u]))
     assert 100 < stop < 200  # converged once 10 more updates gain < 1%: 1 + 9 exp(-u/20) flat to 1%
-    assert not module.recording_converged(losses[:stop - 1])
-    assert module.recording_converged([1.0] * 500)  # the cap
+    assert not schedule.recording_converged(losses[:stop - 1])
+    assert schedule.recording_converged([1.0] * 500)  # the cap
     updates = list(range(5, stop + 1, 5))  # a candidate every 5 updates, the converged state last
-    chosen = module.path_indices(updates, losses[:stop])
+    chosen = schedule.path_indices(updates, losses[:stop])
     assert len(chosen) == 4 and chosen[-1] == len(updates) - 1 and chosen == sorted(set(chosen))
-    k = module.recording_patience
+    k = schedule.stages.recording_patience
     smooth = [sum(losses[max(0, u - k):u]) / len(losses[max(0, u - k):u]) for u in updates]
     start, end = sum(losses[:k]) / k, smooth[-1]
     fractions = [(start - smooth[i]) / (start - end) for i in chosen]
@@ -205,26 +210,27 @@ def test_disback_recording_runs_until_the_loss_converges_and_spreads_its_path():
 def test_modules_run_a_few_steps(kind, data, tmp_path):
     torch.manual_seed(0)
     if kind == "disback_memory":
-        module = DisBackStudent("embedded", TINY, num_checkpoints=2, degradation_interval=1, iterations_per_stage=1,
-                                max_recording_updates=2)
+        module = DisBackStudent("embedded", TINY, stages={"num_checkpoints": 2, "degradation_interval": 1,
+                                                          "max_recording_updates": 2, "iterations_per_stage": 1})
     elif kind == "diff_instruct_vp":
-        module = DisBackStudent("embedded", {**TINY, "family": "vp"}, backtracking=False, guidance_scale=2.0,
-                                aux_updates_per_generator_update=2)
+        module = DisBackStudent("embedded", {**TINY, "family": "vp"}, backtracking=False, real_guidance_scale=2.0,
+                                optim={"aux_updates_per_generator_update": 2})
     elif kind == "nodistill_kl":
         module = NoDistillOneStep("embedded", TINY, divergence="kl")
     else:
-        module = NoDistillOneStep("embedded", TINY, divergence="js", generator_init="random", classifier_init="random")
+        module = NoDistillOneStep("embedded", TINY, divergence="js", generator={"init": "random"},
+                                  classifier={"init": "random"})
     before = {k: v.clone() for k, v in module.model.net.state_dict().items()}
     t = trainer(6)
     t.fit(module, data)
     assert module.generator_updates >= 1
     assert params_distance(module.model.net.state_dict(), before) > 0  # the generator moved
     if kind == "disback_memory":
-        assert module.stage == 2 and len(module.path) == 2 and isinstance(module.path[0], dict)
+        assert module.stage_schedule.stage == 2 and len(module.path) == 2 and isinstance(module.path[0], dict)
         t.save_checkpoint(tmp_path / "m.ckpt")
         loaded = DisBackStudent.load_from_checkpoint(tmp_path / "m.ckpt")
-        assert loaded.stage == 2 and all(params_distance(side_file_state(a), side_file_state(b)) == 0
-                                         for a, b in zip(loaded.path, module.path))  # kept inside the checkpoint
+        assert loaded.stage_schedule.stage == 2 and all(params_distance(side_file_state(a), side_file_state(b)) == 0
+                                                        for a, b in zip(loaded.path, module.path))  # kept inside
     images = module.sample(3, generator=torch.Generator().manual_seed(0))
     assert images.shape == (3, 1, 8, 8) and images.abs().max() <= 1
     exported = DiffusionModel.from_pretrained(module.export(tmp_path / "generator"))
@@ -242,17 +248,39 @@ def test_nodistill_classifier_is_truncated_backbone():
     logit = module.classifier(x, torch.tensor([100.0, 900.0]), cond)
     assert logit.shape == (2,) and torch.all(logit == 0)  # zero-initialised last layer: ratio 1 at start
     with pytest.raises(ValueError, match="feature_layer"):
-        NoDistillOneStep("embedded", TINY, feature_layer="nope")
+        NoDistillOneStep("embedded", TINY, classifier={"feature_layer": "nope"})
 
 
 def test_disback_switch_rules():
-    module = DisBackStudent("embedded", TINY, switch_rule="plateau", plateau_patience=3, plateau_tol=0.1,
-                            iterations_per_stage=100)
-    assert module.should_advance(6, [1.0] * 6)  # no improvement over the last 3 updates
-    assert not module.should_advance(6, [2, 2, 2, 1, 1, 1])  # still improving
-    assert not module.should_advance(5, [1.0] * 5)  # too few updates to judge
-    assert module.should_advance(100, [])  # the cap
-    module.switch_rule = "fixed"
-    assert not module.should_advance(99, [1.0] * 6) and module.should_advance(100, [])
+    module = DisBackStudent("embedded", TINY, stages={"switch_rule": "plateau", "plateau_patience": 3,
+                                                      "plateau_tol": 0.1, "iterations_per_stage": 100})
+    schedule = module.stage_schedule
+    assert schedule.should_advance(6, [1.0] * 6)  # no improvement over the last 3 updates
+    assert not schedule.should_advance(6, [2, 2, 2, 1, 1, 1])  # still improving
+    assert not schedule.should_advance(5, [1.0] * 5)  # too few updates to judge
+    assert schedule.should_advance(100, [])  # the cap
+    schedule.stages = replace(schedule.stages, switch_rule="fixed")
+    assert not schedule.should_advance(99, [1.0] * 6) and schedule.should_advance(100, [])
     with pytest.raises(ValueError, match="switch_rule"):
-        DisBackStudent("embedded", TINY, switch_rule="sometimes")
+        DisBackStudent("embedded", TINY, stages={"switch_rule": "sometimes"})
+
+
+def test_disback_recording_ends_when_the_loss_converges_and_spreads_the_path_along_the_loss():
+    """BacktrackingSchedule: a candidate every degradation_interval updates, the end once the mean DSM loss of the
+    last recording_patience updates improves by less than recording_tol on the patience before (or at
+    max_recording_updates), and a path chosen at equal steps of the smoothed loss, not bunched at its flat end."""
+    from lit_distill.methods import BacktrackingSchedule
+    from lit_distill.methods.settings import Stages
+
+    schedule = BacktrackingSchedule(Stages(num_checkpoints=3, degradation_interval=2, recording_patience=2,
+                                           recording_tol=0.1, max_recording_updates=100))
+    losses = [10, 8, 6, 4, 3, 2.5, 2.4, 2.35, 2.33]
+    events = [schedule.fake_score_updated(torch.tensor(loss)) for loss in losses]
+    # update 9: the last two (2.34 on average) improve on the two before (2.45) by 4.5% < 10%: converged
+    assert events == [None, "keep", None, "keep", None, "keep", None, "keep", "finish"]
+    # smoothed losses of the candidates at updates 2, 4, 6, 8, 9: 9, 5, 2.75, 2.375, 2.34; targets 6.78 and 4.56
+    assert schedule.path_indices([2, 4, 6, 8, 9], schedule.recording_losses) == [1, 2, 4]
+    schedule.recording_finished(3)
+    assert schedule.stage == 1 and schedule.target_index() == 2 and schedule.fake_score_updated(torch.tensor(1.0)) is None
+    capped = BacktrackingSchedule(Stages(degradation_interval=5, max_recording_updates=3))
+    assert [capped.fake_score_updated(torch.tensor(1.0)) for _ in range(3)] == [None, None, "finish"]

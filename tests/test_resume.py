@@ -6,10 +6,11 @@ import torch
 
 from lit_distill.callbacks import DurableCheckpoint
 from lit_distill.data import ImageDataModule
-from lit_distill.methods import DiffusionPretrain, OPDStudent, TeacherRL
+from lit_distill.methods import DiffusionPretrain, DisBackStudent, OPDStudent, TeacherRL
 from lit_distill.methods.base import DistillModule
 from lit_distill.methods.settings import Optim, Runtime
 from lit_distill.models.builders import build_embedded_model
+from lit_distill.utils.checkpoint_files import side_file_state
 
 TINY = {"resolution": 8, "block_channels": (16, 32), "text_hidden": 32}
 PROMPTS = {"prompt": ["a handwritten seven", "a handwritten one"], "task": ["ink", "ink"], "digit": torch.tensor([7, 1])}
@@ -208,3 +209,33 @@ def test_checkpoint_with_the_flat_settings_of_older_versions_is_migrated(tmp_pat
     torch.save(checkpoint, tmp_path / "unknown.ckpt")
     with pytest.raises(ValueError, match=r"settings \['temperature'\]"):
         TeacherRL.load_from_checkpoint(tmp_path / "unknown.ckpt")
+
+
+def test_disback_resumes_exactly_across_a_stage_switch(tmp_path):
+    """DisBack fitted in one go, and fitted to a step inside the recording stage, saved and resumed, end with the
+    same weights bitwise: the stage and its counters, the recorded path, the real score's target and every random
+    draw (a function of seed, step and rank) come back."""
+    def make():
+        return DisBackStudent("embedded", {**TINY, "seed": 0}, optim={"lr": 1e-3},
+                              stages={"num_checkpoints": 2, "degradation_interval": 2, "max_recording_updates": 4,
+                                      "iterations_per_stage": 2})
+
+    def data():
+        return ImageDataModule("embedded:digits", resolution=8, batch_size=4, val_fraction=0.0)
+
+    half, total = 3, 12  # 4 recording steps (stage 0), then a (fake-score, generator) pair per batch: stages 1, 2
+    torch.manual_seed(0)
+    straight = make()
+    fit(straight, data(), total)
+    first = make()
+    fit(first, data(), half, save_to=tmp_path / "half.ckpt")
+    assert first.stage_schedule.stage == 0 and straight.stage_schedule.stage == 2
+    torch.manual_seed(123)  # a different global RNG state: nothing may depend on it
+    resumed = make()
+    fit(resumed, data(), total, ckpt_path=tmp_path / "half.ckpt")
+    assert resumed.stage_schedule.state_dict() == straight.stage_schedule.state_dict()
+    paths = [[side_file_state(entry) for entry in module.path] for module in (resumed, straight)]
+    assert all(same(a[k], b[k]) for a, b in zip(*paths) for k in a)
+    a, b = state(straight), state(resumed)
+    different = [k for k in a if not same(a[k], b[k])]
+    assert not different, different[:5]

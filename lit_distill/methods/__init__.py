@@ -1,6 +1,6 @@
 """The LightningModules: glue that says which network is trained on what."""
 from .base import DistillModule, NonFiniteLossError
-from .disback import DisBackStudent
+from .disback import BacktrackingSchedule, DisBackStudent
 from .checkpoints import load_source, model_from_checkpoint
 from .nodistill import NoDistillOneStep
 from .one_step import OneStepModule
@@ -9,4 +9,4 @@ from .pretrain import DiffusionPretrain
 from .teacher_rl import TeacherRL
 
 __all__ = ["DistillModule", "NonFiniteLossError", "DiffusionPretrain", "TeacherRL", "OPDStudent",
-           "OneStepModule", "DisBackStudent", "NoDistillOneStep", "load_source", "model_from_checkpoint"]
+           "OneStepModule", "DisBackStudent", "BacktrackingSchedule", "NoDistillOneStep", "load_source", "model_from_checkpoint"]

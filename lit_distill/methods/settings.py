@@ -240,22 +240,30 @@ class Stages:
     """DisBack's stages (see ``lit_distill.methods.disback.BacktrackingSchedule``).
 
     Args:
-        num_checkpoints: N, checkpoints saved along the degradation path (then N backtracking targets).
-        degradation_interval: fake-score updates between two checkpoints (recording lasts N times this).
+        num_checkpoints: N, checkpoints kept along the degradation path (then N backtracking targets).
+        degradation_interval: fake-score updates between two candidate checkpoints of the recording.
+        recording_patience, recording_tol: the recording has converged once the mean DSM loss of the last
+            ``recording_patience`` fake-score updates improves by less than ``recording_tol`` (relative) on the
+            mean of the ``recording_patience`` before.
+        max_recording_updates: the recording stops here even if it has not converged.
         iterations_per_stage: generator updates per target (``"fixed"``), or at most (``"plateau"``).
         switch_rule: ``"fixed"`` or ``"plateau"`` (move on when the score mismatch stops improving).
         plateau_patience, plateau_tol: the plateau rule compares the mean mismatch of the last ``patience``
             generator updates with that of the ``patience`` before; less than ``tol`` relative improvement advances.
     """
     num_checkpoints: int = 4
-    degradation_interval: int = 50
+    degradation_interval: int = 25
+    recording_patience: int = 100
+    recording_tol: float = 0.01
+    max_recording_updates: int = 2000
     iterations_per_stage: int = 100
     switch_rule: Literal["fixed", "plateau"] = "fixed"
     plateau_patience: int = 50
     plateau_tol: float = 0.01
 
     def __post_init__(self):
-        _check_counts(self, "num_checkpoints", "degradation_interval", "iterations_per_stage", "plateau_patience")
+        _check_counts(self, "num_checkpoints", "degradation_interval", "recording_patience", "max_recording_updates",
+                      "iterations_per_stage", "plateau_patience")
         _check(self.switch_rule in ("fixed", "plateau"), self, "switch_rule", "choose one of ['fixed', 'plateau']")
 
 
@@ -342,7 +350,8 @@ LEGACY_NAMES: dict[str, dict[str, str]] = {
             "kl_reduction": "updates.reduction", "ode_weight": "distill.ode_weight",
             "step_weighting": "distill.step_weighting"},
     "disback": {**_COMMON, **_ONE_STEP, "guidance_scale": "real_guidance_scale",
-                **{k: f"stages.{k}" for k in ("num_checkpoints", "degradation_interval", "iterations_per_stage",
+                **{k: f"stages.{k}" for k in ("num_checkpoints", "degradation_interval", "recording_patience",
+                                              "recording_tol", "max_recording_updates", "iterations_per_stage",
                                               "switch_rule", "plateau_patience", "plateau_tol")}},
     "nodistill": {**_COMMON, **_ONE_STEP, "classifier_init": "classifier.init",
                   "feature_layer": "classifier.feature_layer", "head_channels": "classifier.head_channels"},
