@@ -17,12 +17,18 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from .lightning_internals import ConfigIsTheRun
 
-class DistillCLI(LightningCLI):
+
+class DistillCLI(ConfigIsTheRun, LightningCLI):
     """LightningCLI with subclass mode for modules and data, so configs name ``class_path``es, and OmegaConf
     interpolation inside each config file: a value written once under the top-level ``shared:`` mapping (or
     anywhere else in the file) is referred to as ``${shared.NAME}``. Interpolations are resolved as the file is
-    read, so a command-line override changes the key it names, not the values copied from ``shared``."""
+    read, so a command-line override changes the key it names, not the values copied from ``shared``.
+
+    The given config is the run (:class:`~lit_distill.lightning_internals.ConfigIsTheRun`): a ``--ckpt_path``
+    does not replace its settings by the checkpoint's; the methods compare them on resume and log each change or
+    refuse it (``DistillModule.on_load_checkpoint``)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("subclass_mode_model", True)
@@ -32,11 +38,6 @@ class DistillCLI(LightningCLI):
         interpolation = {"parser_mode": "omegaconf"}
         kwargs.setdefault("parser_kwargs", {**interpolation, **{name: interpolation for name in self.subcommands()}})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
-
-    def _parse_ckpt_path(self) -> None:
-        """The given config is the run. LightningCLI's default replaces the model's settings by the checkpoint's
-        when ``--ckpt_path`` is a file, which silently undid changed settings; the methods instead compare them on
-        resume and log each change or refuse it (``DistillModule.on_load_checkpoint``)."""
 
     def instantiate_classes(self) -> None:
         """Raise a class's own error (it names the field and the fix) instead of jsonargparse's "Does not validate

@@ -52,6 +52,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Str
 from torch import nn
 from torch.distributed.constants import default_pg_timeout
 
+from .lightning_internals import model_parallel_setup, set_ddp_find_unused_parameters, set_model_parallel_sizes
 from .protocols import DistributedHints
 
 log = logging.getLogger(__name__)
@@ -131,13 +132,13 @@ class DiffusionDDPStrategy(DDPStrategy):
         super().__init__(**kwargs)
         self._find_unused = find_unused_parameters
 
-    def _setup_model(self, model: nn.Module):
+    def setup(self, trainer) -> None:
         fup = self._find_unused
         if fup is None:
             fup = needs_find_unused_parameters(self.lightning_module)
             log.info("DiffusionDDPStrategy: find_unused_parameters=%s for %s", fup, type(self.lightning_module).__name__)
-        self._ddp_kwargs["find_unused_parameters"] = fup
-        return super()._setup_model(model)
+        set_ddp_find_unused_parameters(self, fup)  # read when the module is wrapped, in super().setup
+        super().setup(trainer)
 
 
 def ddp_strategy(find_unused_parameters: Optional[bool] = None, **kwargs: Any) -> DiffusionDDPStrategy:
@@ -202,8 +203,8 @@ class DiffusionFSDPStrategy(ModelParallelStrategy):
         self.sharded: list[str] = []
 
     def setup_environment(self) -> None:
-        self._tensor_parallel_size = 1  # FSDP only: every process is one data-parallel rank
-        self._data_parallel_size = self.num_nodes * self.num_processes
+        # FSDP only: every process is one data-parallel rank
+        set_model_parallel_sizes(self, data_parallel=self.num_nodes * self.num_processes, tensor_parallel=1)
         super().setup_environment()
 
     def _mixed_precision_policy(self):
@@ -236,28 +237,20 @@ class DiffusionFSDPStrategy(ModelParallelStrategy):
         fully_shard(net, **kwargs)
 
     def setup(self, trainer) -> None:
-        from lightning.fabric.utilities.optimizer import _optimizers_to_device
-        from lightning.pytorch.trainer.states import TrainerFn
-
         assert self.model is not None and self.accelerator is not None
-        self.accelerator.setup(trainer)
         targets = check_fsdp_supported(self.model, self.frozen, self.activation_checkpointing_blocks)
-        self.model = self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
-        _broadcast_module(self.model)  # the same starting weights everywhere, as DDP guarantees
-        if self.root_device.type == "cpu":
-            log.info("DiffusionFSDPStrategy on CPU (gloo): for tests only")
-        self.sharded = []
-        for name, diffusion_model in targets:
-            self._shard(diffusion_model.net)
-            self.sharded.append(f"{name}.net" if name else "net")
-        log.info("DiffusionFSDPStrategy: sharded %s", ", ".join(self.sharded))
-        self.barrier()
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.setup_optimizers(trainer)
-        self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
+
+        def shard_trained_networks() -> None:
+            _broadcast_module(self.model)  # the same starting weights everywhere, as DDP guarantees
+            if self.root_device.type == "cpu":
+                log.info("DiffusionFSDPStrategy on CPU (gloo): for tests only")
+            self.sharded = []
+            for name, diffusion_model in targets:
+                self._shard(diffusion_model.net)
+                self.sharded.append(f"{name}.net" if name else "net")
+            log.info("DiffusionFSDPStrategy: sharded %s", ", ".join(self.sharded))
+
+        model_parallel_setup(self, trainer, shard_trained_networks)
 
 
 def check_fsdp_supported(module: nn.Module, frozen: FrozenRule = "replicate",

@@ -32,6 +32,7 @@ from lit_distill.diffusion import Trajectory
 from lit_distill.distributed import (
     DiffusionDDPStrategy, DiffusionFSDPStrategy, check_fsdp_supported, fsdp_block_classes,
     needs_find_unused_parameters)
+from lit_distill.lightning_internals import ddp_find_unused_parameters
 from lit_distill.methods.teacher_rl import TeacherRL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +157,7 @@ def train_disback(world: int) -> dict:
                         limit_val_batches=0)
     trainer.fit(module, ImageDataModule(resolution=8, batch_size=2))
     return {"initial": initial, "final": {k: v.detach().clone() for k, v in module.named_parameters()},
-            "find_unused": trainer.strategy._ddp_kwargs.get("find_unused_parameters")}
+            "find_unused": ddp_find_unused_parameters(trainer.strategy)}
 
 
 def relative_difference(a: dict, b: dict, initial: dict) -> float:

@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from ..lightning_internals import save_last_checkpoint
 from ..utils.checkpoint_files import (atomic_save, check_writable, read_checkpoint, resolve_side_files,
                                       temporary_files_of, write_side_files)
 
@@ -124,9 +125,8 @@ class DurableCheckpoint(ModelCheckpoint):
         return trainer.strategy.broadcast(steps or minutes)  # rank 0's clock decides for all ranks
 
     def _save_last(self, trainer: L.Trainer) -> None:
-        if self._should_skip_saving_checkpoint(trainer):
+        if not save_last_checkpoint(self, trainer):
             return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._steps_at_last_save, self._last_save_time = trainer.global_step, time.monotonic()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:

@@ -28,6 +28,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ..lightning_internals import set_callback_metric
 from ..metrics.frechet import FeatureStats
 from ..protocols import EvalSampler, GeneratorUpdates
 from ..utils import default_cache_dir
@@ -233,7 +234,7 @@ class FIDCallback(L.Callback):
         step = trainer.global_step
         updates = int(pl_module.generator_updates) if isinstance(pl_module, GeneratorUpdates) else step
         self.history.append({"step": step, "generator_updates": updates, self.name: value})
-        trainer.callback_metrics[self.name] = torch.tensor(value)
+        set_callback_metric(trainer, self.name, torch.tensor(value))
         for logger in trainer.loggers:
             logger.log_metrics({self.name: value, "generator_updates": updates}, step=step)
 

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ..lightning_internals import attached_trainer, grad_scaler
 from ..utils.resume import align_batch_count, changed_settings, log_changes, refuse_changes, run_settings
 from .settings import Optim, Runtime, flat_settings, migrate_hyperparameters, plain
 
@@ -93,7 +94,8 @@ class DistillModule(L.LightningModule):
     def step_generator(self, device: Optional[torch.device | str] = None) -> torch.Generator:
         """A generator for this training step's randomness (on ``device``, default the module's): a pure function
         of (seed, global step, rank), so a resumed run draws exactly what an uninterrupted one would."""
-        rank = self.trainer.global_rank if self._trainer is not None else 0
+        trainer = attached_trainer(self)
+        rank = trainer.global_rank if trainer is not None else 0
         return torch.Generator(device or self.device).manual_seed(self.seed + self.global_step * 1009 + rank)
 
     def eval_prompts_for(self, n: int, prompts: Optional[Sequence[str]] = None) -> list[str]:
@@ -117,7 +119,7 @@ class DistillModule(L.LightningModule):
         if not params:
             raise ValueError(f"{type(self).__name__} has no trainable parameters: check lora/freeze options")
         # fused AdamW on CUDA, unless fp16 loss scaling: Lightning cannot clip before a fused optimiser unscales
-        fused = self.device.type == "cuda" and self._grad_scaler() is None
+        fused = self.device.type == "cuda" and grad_scaler(attached_trainer(self)) is None
         return torch.optim.AdamW(params, lr=lr or self.optim.lr, betas=self.optim.betas,
                                  weight_decay=self.optim.weight_decay, fused=fused)
 
@@ -143,7 +145,7 @@ class DistillModule(L.LightningModule):
         """True if ``value`` is finite. Otherwise raise (``nan_policy='raise'``) naming the step and the
         tensor, or count and log a skip (``'skip'``) and return False so the caller skips the update."""
         finite = finite_here = bool(torch.isfinite(value).all())
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if self.world_size > 1:
             # every rank must take the same branch, or a skipped backward hangs the others' all-reduce
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
@@ -186,17 +188,17 @@ class DistillModule(L.LightningModule):
         ``torch.nn.utils.clip_grad_norm_`` (what Lightning itself calls; under FSDP2 the gradients are sharded
         ``DTensor`` s and the norm is still global). Lightning's ``clip_gradients`` is not used there because its
         mixed-precision plugin refuses every fused optimiser, even in bf16 where nothing is scaled."""
-        if self._grad_scaler() is not None:  # fp16: Lightning unscales the gradients first
+        if grad_scaler(attached_trainer(self)) is not None:  # fp16: Lightning unscales the gradients first
             self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    def _grad_scaler(self):
-        """The fp16 ``GradScaler`` of the trainer's precision plugin, or None (bf16, fp32, no trainer)."""
-        if self._trainer is None:
-            return None
-        return getattr(self.trainer.precision_plugin, "scaler", None)
+    @property
+    def world_size(self) -> int:
+        """Processes training together (1 without a trainer)."""
+        trainer = attached_trainer(self)
+        return trainer.world_size if trainer is not None else 1
 
     # -- export ------------------------------------------------------------------------------
     @contextmanager
@@ -218,7 +220,7 @@ class DistillModule(L.LightningModule):
         checkpoint["lit_distill_method"] = self.method
         checkpoint["lit_distill_layout"] = CHECKPOINT_LAYOUT
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
-        if self._trainer is not None:
+        if attached_trainer(self) is not None:
             checkpoint["run_settings"] = run_settings(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -247,7 +249,7 @@ class DistillModule(L.LightningModule):
                 f"cannot resume {what}: the checkpoint's weights do not fit this run's networks (missing "
                 f"{sorted(keys - saved_keys)[:3]}, unexpected {sorted(saved_keys - keys)[:3]}; changed settings: "
                 f"{listed}). Fix: resume with the checkpoint's settings, or start a new run without --ckpt_path.")
-        if self._trainer is not None and "run_settings" in checkpoint:
+        if attached_trainer(self) is not None and "run_settings" in checkpoint:
             changes.update(changed_settings(checkpoint["run_settings"], run_settings(self.trainer)))
         log_changes(changes, what)
 

@@ -104,8 +104,7 @@ class TeacherRL(OnPolicyModule):
         if self.normalizer is None:
             adv = group_advantages(rewards, self.sampling.rollouts_per_prompt)
         else:
-            distributed = self._trainer is not None and self.trainer.world_size > 1
-            self.normalizer.update(self.all_gather(rewards).flatten() if distributed else rewards)
+            self.normalizer.update(self.all_gather(rewards).flatten() if self.world_size > 1 else rewards)
             adv = self.normalizer.normalize(rewards)
         return adv.clamp(-self.policy.adv_clip, self.policy.adv_clip)
 

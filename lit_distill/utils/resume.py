@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from ..lightning_internals import shift_batch_count
+
 
 def plain(value: Any) -> Any:
     """``value`` with tuples as lists, recursively: a setting read from YAML compares equal to its Python default."""
@@ -71,12 +73,10 @@ def align_batch_count(trainer) -> None:
     resume that changed the batches per epoch (``ResumableDataLoader.batch_count_correction``, e.g. a new batch
     size): Lightning ends an epoch by that count, so without this it would end early (skipping the epoch's last
     samples) or late. Call from ``on_train_start`` (after the loader's state is restored, before the epoch starts).
-    This reads Lightning internals (the fit loop's batch progress); it is the only place that does."""
+    The count is Lightning-internal (``lightning_internals.shift_batch_count``)."""
     loader = trainer.train_dataloader
     correction = getattr(loader, "batch_count_correction", 0)
     if not correction:
         return
-    progress = trainer.fit_loop.epoch_loop.batch_progress.current
-    for field in ("ready", "started", "processed", "completed"):
-        setattr(progress, field, max(getattr(progress, field) + correction, 0))
+    shift_batch_count(trainer, correction)
     loader.batch_count_correction = 0
