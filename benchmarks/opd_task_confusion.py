@@ -40,7 +40,8 @@ DIGITS = {"digits": {"brightness": range(0, 5), "compress": range(5, 10)}}
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=150, help="optimiser steps of each teacher and each student")
+    p.add_argument("--steps", type=int, default=30, help="training steps of each teacher and each student (a rollout "
+                   "batch of 4 prompts x 8 and its 5 minibatch updates each)")
     p.add_argument("--work", default="runs/opd_task_confusion")
     p.add_argument("--out", default="benchmarks/results/opd_task_confusion.json")
     p.add_argument("--docs-only", action="store_true")

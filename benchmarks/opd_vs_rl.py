@@ -34,8 +34,8 @@ OPD_SETTINGS = {"updates": {"timestep_fraction": 0.99}, "distill": {"step_weight
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true")
-    p.add_argument("--steps", type=int, help="student optimiser steps, equal for the three students (default 600 "
-                   "GPU, 40 CPU)")
+    p.add_argument("--steps", type=int, help="training steps of each student (a rollout batch and its minibatch "
+                   "updates each; default 120 GPU, 8 CPU), equal for the three students")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the seeds of --teachers")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--systems", nargs="+", default=["opd", "multi_reward_rl", "cascade_rl"])
@@ -71,12 +71,12 @@ def run_unit(args, seed: int, system: str) -> dict:
     """Train one student of one seed; returns (and writes) ``{"rewards", "seconds"}``."""
     from lit_distill.methods import OPDStudent, TeacherRL
 
-    steps = args.steps or (40 if args.cpu else 600)
+    steps = args.steps or (8 if args.cpu else 120)
     prior = teachers_of(args)
     tasks, base = list(prior["tasks"]), prior["base_model"]
     work = Path(args.work) / f"seed{seed}"
     prompts = split_prompts(work / system, tasks)
-    common = dict(sampling={"num_steps": args.num_steps, "rollouts_per_prompt": args.group_size},
+    common = dict(sampling={"num_steps": args.num_steps, "rollouts_per_prompt": args.rollouts_per_prompt},
                   optim={"lr": args.lr}, runtime={"seed": seed})
     fit = dict(batch_size=args.prompts_per_step, progress=False, samples_per_prompt=args.eval_samples, seed=seed)
     if system == "opd" or system.startswith("opd["):
@@ -109,7 +109,7 @@ def measure(args) -> dict:
     systems = list(args.systems) + [f"opd[{name}]" for name in args.ablations]
     units = [(seed, system) for seed in seeds for system in systems]
     if args.jobs > 1:
-        keep = ("steps", "work", "teachers", "lr", "group_size", "prompts_per_step", "num_steps", "eval_samples")
+        keep = ("steps", "work", "teachers", "lr", "rollouts_per_prompt", "prompts_per_step", "num_steps", "eval_samples")
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in keep and v is not None]
         flags += ["--opd", json.dumps(args.opd), "--ablations", json.dumps(args.ablations)] + (["--cpu"] if args.cpu else [])
         run_jobs([[__file__, *flags, "--unit", str(s), name] for s, name in units], args.jobs,
@@ -130,7 +130,7 @@ def measure(args) -> dict:
     return {"tasks": tasks, "seeds": seeds, "systems": main, "per_seed": per_seed,
             "ablations": {k[4:-1]: {"settings": args.ablations[k[4:-1]], "rewards": v}
                           for k, v in mean.items() if k.startswith("opd[")},
-            "opd_settings": args.opd, "student_updates": args.steps or (40 if args.cpu else 600),
+            "opd_settings": args.opd, "student_steps": args.steps or (8 if args.cpu else 120),
             "wall_seconds": {name: round(sum(parts[(s, name)]["seconds"] for s in seeds) / len(seeds), 1)
                              for name in systems},
             "eval_samples_per_prompt": args.eval_samples}
@@ -149,6 +149,14 @@ def main(argv=None):
 def kept(systems: dict, name: str, task: str) -> float:
     gain = systems[f"teacher/{task}"][task] - systems["base"][task]
     return (systems[name][task] - systems["base"][task]) / max(gain, 1e-12)
+
+
+def steps_of(figures: dict) -> str:
+    """The students' training length as the results file records it (files before training steps counted
+    optimiser updates)."""
+    if "student_steps" in figures:
+        return f"{figures['student_steps']} training steps"
+    return f"{figures['student_updates']} optimiser steps"
 
 
 def write_docs(results: str) -> None:
@@ -172,7 +180,7 @@ def write_docs(results: str) -> None:
                     + [f"{sum(r[t] for t in tasks) / len(tasks):.3f}"]
                     + [", ".join(f"{kept({**systems, name: r}, name, t):.0%}" for t in tasks)])
     update_docs_table("opd_vs_rl", ["system", *tasks, "mean", "teacher gain kept"], rows, results,
-                      note=f"Mean over seeds {seeds}; {figures['student_updates']} optimiser steps per student; "
+                      note=f"Mean over seeds {seeds}; {steps_of(figures)} per student; "
                            f"rewards on held-out prompts ({figures.get('eval_samples_per_prompt', 2)} samples each). "
                            f"OPD settings: `{json.dumps(figures.get('opd_settings', {}))}`. " + figures.get("note", ""))
 

@@ -24,7 +24,8 @@ from lit_distill.pipeline import TASK_REWARDS, ensure_embedded_base, fit_stage, 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="short CPU variant")
-    p.add_argument("--steps", type=int, help="optimiser steps per teacher (default 300 GPU, 40 CPU)")
+    p.add_argument("--steps", type=int, help="training steps per teacher, each a rollout batch and its "
+                   "minibatch updates (default 60 GPU, 8 CPU)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--jobs", type=int, default=1, help="units run at once (each a process)")
     p.add_argument("--work", default="runs/bench", help="where teachers, prompts and logs go")
@@ -49,12 +50,12 @@ def train_teacher(args, seed: int, task: str) -> dict:
     """Fit one teacher; returns (and writes) its part."""
     from lit_distill.methods import TeacherRL
 
-    steps = args.steps or (40 if args.cpu else 300)
+    steps = args.steps or (8 if args.cpu else 60)
     work = Path(args.work)
     base = ensure_embedded_base(cache_dir=args.cache_dir)
     prompts = split_prompts(work / f"seed{seed}" / task, list(TASK_REWARDS))
     module = TeacherRL(str(base), TASK_REWARDS[task],
-                       sampling={"num_steps": args.num_steps, "rollouts_per_prompt": args.group_size},
+                       sampling={"num_steps": args.num_steps, "rollouts_per_prompt": args.rollouts_per_prompt},
                        updates={"minibatch_size": 64}, optim={"lr": args.lr}, runtime={"seed": seed})
     history, seconds, images_per_s = fit_stage(module, prompts[task], prompts["eval"], steps, work / f"seed{seed}",
                                                f"teacher_{task}", args.prompts_per_step,
@@ -80,7 +81,7 @@ def train_teachers(args) -> dict:
     units = [(seed, task) for seed in args.seeds for task in args.tasks]
     if args.jobs > 1:
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                 if k in ("steps", "work", "cache_dir", "lr", "group_size", "prompts_per_step", "num_steps",
+                 if k in ("steps", "work", "cache_dir", "lr", "rollouts_per_prompt", "prompts_per_step", "num_steps",
                           "eval_samples") and v is not None]
         run_jobs([[__file__, *flags, *(["--cpu"] if args.cpu else []), "--unit", str(s), t] for s, t in units],
                  args.jobs, work / "logs_teacher_rl")
@@ -117,7 +118,7 @@ def write_docs(results: str) -> None:
     figures = json.loads(Path(results).read_text())["figures"]
     seeds = figures.get("seeds", [0])
     for task, r in figures["tasks"].items():
-        plot_curves({task: r["curve"]}, f"docs/teacher_rl_{task}.png", xlabel="optimiser step",
+        plot_curves({task: r["curve"]}, f"docs/teacher_rl_{task}.png", xlabel="training step",
                     ylabel=f"{task} reward (held-out prompts)", hline=r["max"])
     rows = []
     for t, r in figures["tasks"].items():

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from .lightning_internals import ConfigIsTheRun
@@ -57,7 +59,8 @@ class DistillCLI(ConfigIsTheRun, LightningCLI):
                                  "interpolation), e.g. the task or the reward map shared by several sections.")
 
     def before_instantiate_classes(self) -> None:
-        """Make the embedded base model first when the module's arguments name ``embedded:base``."""
+        """Make the embedded base model first when the module's arguments name ``embedded:base``, and show
+        training progress in steps (``StepProgressBar``) unless the config names another progress bar."""
         from .pipeline import ensure_embedded_bases
 
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -65,6 +68,24 @@ class DistillCLI(ConfigIsTheRun, LightningCLI):
         init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
         if init_args is not None:
             ensure_embedded_bases(init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args))
+        if config.get("trainer") is not None:
+            add_step_progress_bar(config["trainer"])
+
+
+def add_step_progress_bar(trainer: Namespace) -> None:
+    """Append ``StepProgressBar`` to a parsed trainer config's callbacks, unless the bar is off or the config
+    names a progress bar of its own."""
+    if trainer.get("enable_progress_bar") is False:
+        return
+    callbacks = list(trainer.get("callbacks") or [])
+    for callback in callbacks:
+        path = callback.get("class_path", "") if isinstance(callback, Namespace) else ""
+        module, _, name = path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None) if module else type(callback)
+        if isinstance(cls, type) and issubclass(cls, ProgressBar):
+            return
+    trainer["callbacks"] = callbacks + [Namespace(class_path="lit_distill.callbacks.StepProgressBar",
+                                                  init_args=Namespace())]
 
 
 def usage_error(message: str) -> None:

@@ -108,3 +108,47 @@ def model_parallel_setup(strategy: Any, trainer: "lightning.Trainer", paralleliz
     strategy.setup_precision_plugin()
     if fitting:
         _optimizers_to_device(strategy.optimizers, strategy.root_device)
+
+
+def count_one_step_per_batch(trainer: "lightning.Trainer") -> None:
+    """Under manual optimisation make ``trainer.global_step`` (so ``max_steps``, the progress bar, checkpoint and
+    ``every_n_steps`` periods) count training steps, one per ``training_step`` that makes an optimiser update, as
+    under automatic optimisation, instead of every ``optimizer.step()`` (TeacherRL makes several per batch).
+    Lightning's manual loop reads the two hooks around each ``optimizer.step()`` from these attributes at the start
+    of every batch; the replacements count only the first step of each batch. Idempotent."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    manual = epoch_loop.manual_optimization
+    if getattr(manual, "_counts_one_step_per_batch", False):
+        return
+    progress, counted = manual.optim_step_progress, {"ready": None, "completed": None}
+
+    def first_of_batch(event: str) -> bool:
+        batch = epoch_loop.batch_progress.total.ready
+        first, counted[event] = counted[event] != batch, batch
+        return first
+
+    def before_step() -> None:
+        if first_of_batch("ready"):
+            progress.increment_ready()
+        trainer.profiler.start("optimizer_step")
+
+    def after_step() -> None:
+        trainer.profiler.stop("optimizer_step")
+        if first_of_batch("completed"):
+            progress.increment_completed()
+
+    manual._on_before_step, manual._on_after_step = before_step, after_step
+    manual._counts_one_step_per_batch = True
+
+
+def count_checkpoint_steps_per_batch(checkpoint: dict) -> None:
+    """Rewrite the step count of a manual-optimisation checkpoint written when every ``optimizer.step()`` was a
+    step (lit_distill checkpoint layout 1) to one step per batch, before Lightning restores its loops from it."""
+    loops = checkpoint.get("loops", {}).get("fit_loop")
+    if not loops:
+        return
+    batches = int(loops["epoch_loop.batch_progress"]["total"]["completed"])
+    steps = loops["epoch_loop.manual_optimization.optim_step_progress"]
+    for part in ("total", "current"):
+        steps[part]["ready"] = steps[part]["completed"] = batches
+    checkpoint["global_step"] = batches

@@ -36,10 +36,14 @@ DIGIT_PROMPTS = [caption_for(digit) for digit in range(10)]
 
 
 def trainer(max_steps: int, out_dir: Optional[Path] = None, callbacks=(), progress: bool = True, **kwargs) -> L.Trainer:
-    """The Trainer every pipeline stage uses: one device, CSV logs under ``out_dir``."""
+    """The Trainer every pipeline stage uses: one device, CSV logs under ``out_dir``, ``max_steps`` training steps
+    shown by ``StepProgressBar``."""
     from lightning.pytorch.loggers import CSVLogger
 
-    return L.Trainer(max_steps=max_steps, accelerator="auto", devices=1, callbacks=list(callbacks),
+    from .callbacks.progress import StepProgressBar
+
+    callbacks = list(callbacks) + ([StepProgressBar()] if progress else [])
+    return L.Trainer(max_steps=max_steps, accelerator="auto", devices=1, callbacks=callbacks,
                      logger=CSVLogger(str(out_dir), name="logs") if out_dir else False,
                      enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
                      limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=kwargs.pop("log_every_n_steps", 1),
@@ -158,9 +162,9 @@ class QuickstartConfig:
     resolution: int = 16
     family: str = "flow"
     pretrain_steps: int = 1000
-    teacher_steps: int = 150
-    opd_steps: int = 150
-    one_step_steps: int = 300
+    teacher_steps: int = 30     # training steps: one rollout batch and its updates each
+    opd_steps: int = 30
+    one_step_steps: int = 185   # DisBack: up to the first 2/5 record the degradation path, the rest update the generator
     prompts_per_step: int = 4
     rollouts_per_prompt: int = 8
     num_steps: int = 10
@@ -211,10 +215,12 @@ def run_one_step(base: Path, cfg: QuickstartConfig, out: Path):
     from .methods.disback import DisBackStudent
 
     start = time.time()
-    # CPU-sized: the recording stops after at most a quarter of the optimiser steps (converged or not), and the
-    # one intermediate target takes 10% of the generator updates, the paper's share
-    recording = max(4, cfg.one_step_steps // 4)
-    updates = max(1, (cfg.one_step_steps - recording) // 2)
+    # CPU-sized: the recording stops after at most 2/5 of the training steps (converged or not), and the one
+    # intermediate target takes 10% of the generator updates, the paper's share
+    recording = max(4, cfg.one_step_steps * 2 // 5)
+    updates = max(1, cfg.one_step_steps - recording)
+    print(f"[lit-distill] DisBack one-step generator: {cfg.one_step_steps} steps = up to {recording} recording the "
+          f"degradation path (2 checkpoints), then generator updates")
     stages = {"num_checkpoints": 2, "max_recording_updates": recording, "recording_patience": max(2, recording // 4),
               "degradation_interval": max(1, recording // 8), "iterations_per_stage": max(1, updates // 10)}
     module = DisBackStudent(teacher=str(base), stages=stages, optim={"lr": 1e-4}, eval_prompts=DIGIT_PROMPTS)
@@ -233,8 +239,10 @@ def print_table(summary: dict) -> None:
         print(f"{system:<22}" + "".join(f"{r.get(t, float('nan')):>14.3f}" for t in tasks) + f"{r['reward']:>10.3f}")
     curve = summary.get("one_step", {}).get("fid_classifier")
     if curve:
+        steps = summary["config"]["one_step_steps"]
         print(f"\none-step generator (DisBack): fid_classifier {curve[0][1]:.1f} -> {curve[-1][1]:.1f} "
-              f"after {curve[-1][0]} generator updates (digit-classifier features, not Inception)")
+              f"after {curve[-1][0]} generator updates ({steps} steps, the first {steps - curve[-1][0]} recording the "
+              "degradation path; digit-classifier features, not Inception)")
     print(f"\nsummary: {Path(summary['config']['out_dir']) / 'summary.json'}")
 
 

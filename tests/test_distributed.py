@@ -145,7 +145,7 @@ def train_rl(world: int, strategy: str = "ddp", accelerator: str = "cpu", precis
 
 
 def train_disback(world: int) -> dict:
-    """Four optimiser steps of Diff-Instruct (DisBack without backtracking) under DiffusionDDPStrategy."""
+    """Four training steps of Diff-Instruct (DisBack without backtracking) under DiffusionDDPStrategy."""
     from lit_distill.data import ImageDataModule
     from lit_distill.methods.disback import DisBackStudent
 
@@ -174,7 +174,7 @@ def test_ddp_ranks_hold_identical_weights_after_teacher_rl_steps(tmp_path):
     all-reduced and both ranks end with identical weights. (With a plain ``loss.backward()`` only the first
     backward after DDP's forward is synchronised and the ranks drift apart: checked once by hand, 8e-3.)"""
     ranks = launch(2, tmp_path, strategy="ddp", virtual=False, batches=1)
-    assert ranks[0]["global_step"] == 4  # 2 prompts x 4 rollouts x 4 steps = 32 pairs per rank, minibatch 8
+    assert ranks[0]["global_step"] == 1  # one training step: 2 prompts x 4 rollouts x 4 steps = 32 pairs per rank, minibatch 8
     for k in ranks[0]["final"]:
         assert torch.equal(ranks[0]["final"][k], ranks[1]["final"][k]), k
     assert any(not torch.equal(ranks[0]["final"][k], ranks[0]["initial"][k]) for k in ranks[0]["final"])
@@ -206,7 +206,7 @@ def test_fsdp_checkpoint_resumes_exactly(tmp_path):
     straight = launch(2, tmp_path / "straight", strategy="fsdp", virtual=False, batches=1, epochs=2)
     launch(2, tmp_path / "first", strategy="fsdp", virtual=False, batches=1, epochs=1, save=ckpt)
     resumed = launch(2, tmp_path / "resumed", strategy="fsdp", virtual=False, batches=1, epochs=2, resume=ckpt)
-    assert resumed[0]["global_step"] == straight[0]["global_step"] == 8
+    assert resumed[0]["global_step"] == straight[0]["global_step"] == 2  # one step per epoch
     assert relative_difference(straight[0]["final"], resumed[0]["final"], straight[0]["initial"]) < 1e-5
     state = torch.load(ckpt, weights_only=False)["state_dict"]  # plain full tensors: loads on one device
     assert state["model.net.conv_in.weight"].shape == straight[0]["initial"]["conv_in.weight"].shape

@@ -174,7 +174,7 @@ def test_disback_path_is_kept_in_side_files_written_once(tmp_path):
     saved = (tmp_path / "inline.pt").stat().st_size - (tmp_path / "last.ckpt").stat().st_size
     assert saved > 0.9 * sum(f.stat().st_size for f in side_files)
 
-    module = fit_disback(5, ckpt_path=tmp_path / "last.ckpt")  # one generator update: on to stage 2, target c_1
+    module = fit_disback(4, ckpt_path=tmp_path / "last.ckpt")  # one generator update: on to stage 2, target c_1
     assert module.stage_schedule.stage == 2 and [f.stat().st_mtime_ns for f in side_files] == stamps  # written once
     c_1 = torch.load(side_files[0])
     assert all(torch.equal(v, c_1[k]) for k, v in module.real_score.net.state_dict().items())  # read back
@@ -187,10 +187,10 @@ def test_disback_path_is_kept_in_side_files_written_once(tmp_path):
     for f in side_files:
         f.rename(hidden / f.name)
     with pytest.raises(FileNotFoundError, match="disback_degradation_000001_.*missing.*restore them"):
-        fit_disback(7, ckpt_path=moved / "last.ckpt")
+        fit_disback(5, ckpt_path=moved / "last.ckpt")
     for f in side_files:
         (hidden / f.name).rename(moved / f.name)
-    assert fit_disback(7, ckpt_path=moved / "last.ckpt").stage_schedule.stage == 3  # moved as a whole: resolves
+    assert fit_disback(5, ckpt_path=moved / "last.ckpt").stage_schedule.stage == 3  # moved as a whole: resolves
 
 
 SIGTERM_AT = textwrap.dedent('''

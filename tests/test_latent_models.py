@@ -33,7 +33,7 @@ def test_teacher_rl_with_lora_on_an_sd15_pipeline_dir(tmp_path):
                        sampling={"num_steps": 3, "noise_level": 1.0, "guidance_scale": 2.0, "rollouts_per_prompt": 2,
                                  "eval_steps": 3}, updates={"minibatch_size": 4, "reduction": "mean"})
     assert module.model.vae is not None and module.reference is None
-    trainer = fit(module)
+    trainer = fit(module, 1)
     assert torch.isfinite(trainer.callback_metrics["train/kl_ref"])
     module.export(tmp_path / "teacher")
     assert (tmp_path / "teacher" / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -51,4 +51,4 @@ def test_teacher_rl_on_an_sd3_pipeline_dir(tmp_path):
                        sampling={"num_steps": 3, "noise_level": 0.7, "rollouts_per_prompt": 2, "eval_steps": 3},
                        updates={"minibatch_size": 4, "reduction": "mean"})
     assert module.model.schedule.family == "flow"
-    assert torch.isfinite(fit(module).callback_metrics["train/policy_loss"])
+    assert torch.isfinite(fit(module, 1).callback_metrics["train/policy_loss"])

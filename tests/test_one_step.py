@@ -162,7 +162,7 @@ def test_disback_stages_checkpoints_ordered_and_resumable(tmp_path, data):
     t1.save_checkpoint(ckpt)
 
     resumed = DisBackStudent("embedded", TINY, **kw)
-    t2 = trainer(8)  # 6 recording steps, then one batch of (fake-score, generator) updates
+    t2 = trainer(7)  # 6 recording steps, then one step of (fake-score, generator) updates
     t2.fit(resumed, data, ckpt_path=ckpt)
     assert resumed.recording_updates == 6 and not resumed.candidates
     assert [p.split("/")[-1] for p in resumed.path] == [f"degradation_{k:06d}.pt" for k in (2, 4, 6)]
@@ -221,7 +221,7 @@ def test_modules_run_a_few_steps(kind, data, tmp_path):
         module = NoDistillOneStep("embedded", TINY, divergence="js", generator={"init": "random"},
                                   classifier={"init": "random"})
     before = {k: v.clone() for k, v in module.model.net.state_dict().items()}
-    t = trainer(6)
+    t = trainer(5)
     t.fit(module, data)
     assert module.generator_updates >= 1
     assert params_distance(module.model.net.state_dict(), before) > 0  # the generator moved

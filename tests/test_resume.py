@@ -58,8 +58,8 @@ def test_teacher_rl_resumes_exactly(tmp_path):
     make = lambda: TeacherRL("embedded", "brightness", {**TINY, "seed": 0},  # noqa: E731
                              sampling={"num_steps": 4, "rollouts_per_prompt": 4, "eval_steps": 4},
                              updates={"minibatch_size": 16}, optim={"lr": 1e-3})
-    # 2 prompts x 4 rollouts x 4 steps = 32 pairs: 2 optimiser steps per batch
-    assert_resume_is_exact(make, prompt_loader, 4, 8, tmp_path)
+    # 2 prompts x 4 rollouts x 4 steps = 32 pairs: 2 optimiser updates per training step
+    assert_resume_is_exact(make, prompt_loader, 2, 4, tmp_path)
 
 
 def test_opd_resumes_exactly(tmp_path):
@@ -67,7 +67,7 @@ def test_opd_resumes_exactly(tmp_path):
     make = lambda: OPDStudent("embedded", {"ink": str(tmp_path / "teacher")}, {**TINY, "seed": 0},  # noqa: E731
                               sampling={"num_steps": 4, "rollouts_per_prompt": 2, "eval_steps": 4},
                               updates={"minibatch_size": 8}, optim={"lr": 1e-3})
-    assert_resume_is_exact(make, prompt_loader, 2, 4, tmp_path)
+    assert_resume_is_exact(make, prompt_loader, 1, 2, tmp_path)
 
 
 def test_pretrain_with_ema_resumes_exactly(tmp_path):
@@ -186,8 +186,9 @@ def test_a_new_batch_size_keeps_the_data_position_in_samples(tmp_path):
 
 
 def test_checkpoint_with_the_flat_settings_of_older_versions_is_migrated(tmp_path):
-    """A checkpoint written before the settings were grouped (flat hyper-parameters, no layout mark) loads with
-    each setting under its new name and group; a setting that no longer exists is refused by name."""
+    """A checkpoint written before the settings were grouped (flat hyper-parameters, no layout mark, a step per
+    optimiser update) loads with each setting under its new name and group, and resumes at the right step; a
+    setting that no longer exists is refused by name."""
     module = TeacherRL("embedded", "brightness", TINY, sampling={"num_steps": 4, "rollouts_per_prompt": 4, "eval_steps": 4},
                        updates={"minibatch_size": 16, "reduction": "mean"}, policy={"kl_weight": 0.1},
                        optim={"lr": 1e-3})
@@ -209,6 +210,17 @@ def test_checkpoint_with_the_flat_settings_of_older_versions_is_migrated(tmp_pat
     torch.save(checkpoint, tmp_path / "unknown.ckpt")
     with pytest.raises(ValueError, match=r"settings \['temperature'\]"):
         TeacherRL.load_from_checkpoint(tmp_path / "unknown.ckpt")
+    # resuming it: its loops counted both optimiser updates of the step as steps; it continues at step 1 of 2
+    steps = checkpoint["loops"]["fit_loop"]["epoch_loop.manual_optimization.optim_step_progress"]
+    for part in ("total", "current"):
+        steps[part]["ready"] = steps[part]["completed"] = 2
+    checkpoint["global_step"] = 2
+    torch.save(checkpoint, tmp_path / "old_loops.ckpt")
+    resumed = TeacherRL("embedded", "brightness", TINY, sampling=module.sampling, updates=module.updates,
+                        policy=module.policy, optim=module.optim)
+    trainer = fit(resumed, prompt_loader(), 2, ckpt_path=tmp_path / "old_loops.ckpt")
+    assert trainer.global_step == 2
+    assert not all(same(a, b) for a, b in zip(state(resumed).values(), state(module).values()))  # one more step ran
 
 
 def test_disback_resumes_exactly_across_a_stage_switch(tmp_path):
@@ -223,7 +235,7 @@ def test_disback_resumes_exactly_across_a_stage_switch(tmp_path):
     def data():
         return ImageDataModule("embedded:digits", resolution=8, batch_size=4, val_fraction=0.0)
 
-    half, total = 3, 12  # 4 recording steps (stage 0), then a (fake-score, generator) pair per batch: stages 1, 2
+    half, total = 3, 8  # 4 recording steps (stage 0), then 2 generator updates for each of stages 1 and 2
     torch.manual_seed(0)
     straight = make()
     fit(straight, data(), total)

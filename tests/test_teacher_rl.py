@@ -106,7 +106,7 @@ def test_training_steps_run_and_log():
     torch.manual_seed(0)
     module = tiny_rl(updates={"steps_per_sample": 2, "inner_epochs": 2})
     loader = torch.utils.data.DataLoader([0, 1], batch_size=2, collate_fn=lambda _: prompt_batch())
-    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     before = [p.detach().clone() for p in module.model.net.parameters()]
     trainer.fit(module, loader)
@@ -147,7 +147,7 @@ def test_vp_models_train_with_the_same_code():
     module = tiny_rl(model_kwargs={**TINY, "family": "vp"}, sampling={"noise_level": 1.0})
     assert module.model.schedule.family == "vp"
     loader = torch.utils.data.DataLoader([0, 1], batch_size=2, collate_fn=lambda _: prompt_batch())
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(module, loader)
     assert torch.isfinite(trainer.callback_metrics["train/policy_loss"])
@@ -160,11 +160,11 @@ def test_reward_callback_logs_per_task_writes_grids_and_keeps_the_best(tmp_path)
             {"prompt": "a handwritten one", "task": "dark", "digit": 1}]
     reward = {"name": "per_task", "rewards": {"bright": {"name": "brightness", "target": 1.0},
                                               "dark": {"name": "brightness", "target": 0.0}}}
-    callback = RewardCallback(rows, reward=reward, num_prompts=None, samples_per_prompt=2, every_n_steps=2,
+    callback = RewardCallback(rows, reward=reward, num_prompts=None, samples_per_prompt=2, every_n_steps=1,
                               output_dir=str(tmp_path))
     module = tiny_rl()
     loader = torch.utils.data.DataLoader([0, 1], batch_size=2, collate_fn=lambda _: prompt_batch())
-    L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, callbacks=[callback]).fit(module, loader)
     first = callback.history[0]
     assert set(first) == {"step", "bright", "dark", "reward"} and first["step"] == 0

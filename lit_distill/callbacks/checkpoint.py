@@ -2,7 +2,7 @@
 ``AtomicCheckpointIO``.
 
 ``DurableCheckpoint`` keeps one file, ``dirpath/last.ckpt``, current: it saves every ``every_n_train_steps``
-optimiser steps and/or every ``every_n_minutes`` minutes, at the end of each epoch and of training, and when the
+training steps and/or every ``every_n_minutes`` minutes, at the end of each epoch and of training, and when the
 process receives SIGTERM (the signal a scheduler sends before it kills a job). After the SIGTERM save the run exits
 with ``requeue_exit_code`` (143 = 128 + SIGTERM by default, non-zero so that a scheduler or a wrapper script
 requeues the job instead of marking it done), and the same command with ``--ckpt_path last`` continues exactly
@@ -66,7 +66,7 @@ class DurableCheckpoint(ModelCheckpoint):
     Args:
         dirpath: the directory of ``last.ckpt`` (checked writable when fitting starts). ``--ckpt_path last``
             resumes from it; a requeued job can always pass it (with no checkpoint yet, the run starts fresh).
-        every_n_train_steps: save when this many optimiser steps (``trainer.global_step``) have passed since the
+        every_n_train_steps: save when this many training steps (``trainer.global_step``) have passed since the
             last save (None: no step rule).
         every_n_minutes: save when this much wall time has passed since the last save (None: no time rule).
             With both rules, whichever comes first.

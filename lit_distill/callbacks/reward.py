@@ -16,7 +16,7 @@ from ..utils.images import make_grid_png
 
 
 class RewardCallback(L.Callback):
-    """Every ``every_n_steps`` optimiser steps (and at the end of training) sample a fixed prompt set
+    """Every ``every_n_steps`` training steps (and at the end of training) sample a fixed prompt set
     with the module's ODE sampler and fixed seeds, log ``eval/reward/<task>`` and ``eval/reward``, write
     a PNG grid, and keep the best checkpoint by mean reward over tasks.
 
@@ -27,7 +27,7 @@ class RewardCallback(L.Callback):
             (``lit_distill.protocols.HasReward``, e.g. TeacherRL's).
         num_prompts: evaluate the first N rows (None: all).
         samples_per_prompt: images drawn per prompt (more: a less noisy estimate).
-        every_n_steps: evaluation period in optimiser steps (0: only at the end).
+        every_n_steps: evaluation period in training steps (``trainer.global_step``; 0: only at the end).
         seed: seed of the evaluation noise (the same images are drawn each time for the same weights).
         output_dir: where grids and ``best.ckpt`` go (default: the trainer's log dir / ``reward_eval``).
         save_best: write ``best.ckpt`` whenever the mean reward improves.
@@ -100,7 +100,7 @@ class RewardCallback(L.Callback):
         self._run(trainer, module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        # methods may take several optimiser steps per batch: evaluate once the period has passed
+        # a step that made no update does not count: evaluate once the period has passed
         last = self.history[-1]["step"] if self.history else 0
         if self.every_n_steps and trainer.global_step - last >= self.every_n_steps:
             self._run(trainer, module)

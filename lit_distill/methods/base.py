@@ -13,7 +13,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ..lightning_internals import attached_trainer, grad_scaler
+from ..lightning_internals import (
+    attached_trainer, count_checkpoint_steps_per_batch, count_one_step_per_batch, grad_scaler)
 from ..utils.resume import align_batch_count, changed_settings, log_changes, refuse_changes, run_settings
 from .settings import Optim, Runtime, flat_settings, migrate_hyperparameters, plain
 
@@ -224,6 +225,8 @@ class DistillModule(L.LightningModule):
             checkpoint["run_settings"] = run_settings(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("lit_distill_layout", 1) < CHECKPOINT_LAYOUT and not self.automatic_optimization:
+            count_checkpoint_steps_per_batch(checkpoint)  # layout 1 counted every optimiser step
         found = checkpoint.get("lit_distill_method")
         if found != self.method:
             raise ValueError(
@@ -256,7 +259,11 @@ class DistillModule(L.LightningModule):
     def on_train_start(self) -> None:
         """On a resumed run, the configured optimiser settings (lr, betas, weight decay, eps: compared and logged by
         :meth:`check_resumed_settings`) replace those restored with the optimiser state, unless a scheduler owns
-        them; and Lightning's count of batches follows the data position (``align_batch_count``)."""
+        them; and Lightning's count of batches follows the data position (``align_batch_count``). Under manual
+        optimisation a training step is one batch, whatever its number of optimiser updates
+        (``count_one_step_per_batch``)."""
+        if not self.automatic_optimization:
+            count_one_step_per_batch(self.trainer)
         if self.trainer.ckpt_path is None:
             return
         if not self.trainer.lr_scheduler_configs:
