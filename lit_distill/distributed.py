@@ -16,12 +16,10 @@ Two strategies, usable from Python or as ``--trainer.strategy`` in a LightningCL
 
 :class:`DiffusionFSDPStrategy` (``fsdp_strategy()``)
     Shards the *trained* denoiser of TeacherRL / OPDStudent with FSDP2 (``torch.distributed.fsdp.fully_shard``)
-    on top of Lightning's ``ModelParallelStrategy``. Why not Lightning's ``FSDPStrategy`` (FSDP1): it wraps the
+    on top of Lightning's ``ModelParallelStrategy``. Not Lightning's ``FSDPStrategy`` (FSDP1): it wraps the
     whole LightningModule in one root FSDP unit whose forward is ``training_step``, and a manual backward
-    inside that forward trips FSDP1's state machine (``Expects BACKWARD_PRE or BACKWARD_POST state but got
-    HandleTrainingState.FORWARD``); its precision plugin refuses ``clip_gradients(..., "norm")``; and with
-    FSDP1's ``use_orig_params=True`` a full optimizer state dict did not survive a save/load round trip here
-    (Adam's moments came back changed; torch 2.14, gloo). With FSDP2 each trained network
+    inside that forward trips FSDP1's state machine (docs/scaling.md says what else failed). With FSDP2 each
+    trained network
     (``DiffusionModel.net`` of every ``DiffusionModel`` submodule with trainable parameters) is sharded in
     place, one group per diffusers block (:func:`fsdp_block_classes`) plus one for the net: each denoiser
     call gathers what it needs, each ``manual_backward`` reduce-scatters the gradients into sharded
@@ -181,7 +179,7 @@ class DiffusionFSDPStrategy(ModelParallelStrategy):
 
     With ``precision="bf16-mixed"`` the parameters are gathered in bf16 and the gradients reduced in float32
     (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``); inputs are not cast (Lightning's autocast
-    casts op by op, as on one GPU; a cast would round the float timesteps of flow models, 857.7 -> 856).
+    casts op by op, as on one GPU; a cast would round the float timesteps of flow models).
     Every rank must call the sharded networks together: evaluation code that samples on rank 0 only hangs.
     """
 

@@ -74,9 +74,3 @@ def convert(prediction: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor,
         return prediction
     x0, eps = to_x0_eps(prediction, x_t, alpha, sigma, source)
     return from_x0_eps(x0, eps, alpha, sigma, target)
-
-
-def score(prediction: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
-    """The score ``grad_x log p_t(x_t) = -eps_hat / sigma`` implied by a prediction."""
-    _, eps = to_x0_eps(prediction, x_t, alpha, sigma, prediction_type)
-    return -eps / sigma

@@ -6,7 +6,7 @@ to the host, so it is safe under CUDA graphs / ``torch.compile`` of the denoiser
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -72,19 +72,9 @@ class Trajectory:
         return self.latents[:, -1]
 
     @property
-    def num_steps(self) -> int:
-        return self.timesteps.shape[0]
-
-    @property
     def stochastic(self) -> Tensor:
         """``[N]`` bool: which steps sampled noise."""
         return self.stds > 0
-
-    def rows(self, index: Tensor | slice) -> "Trajectory":
-        """The trajectories of the selected samples (per-step fields are shared)."""
-        pick = lambda v: v[index] if v is not None else None  # noqa: E731
-        return Trajectory(pick(self.latents), self.timesteps, pick(self.means), self.stds,
-                          pick(self.log_probs), self.noise_levels)
 
     @staticmethod
     def cat(parts: Sequence["Trajectory"]) -> "Trajectory":
@@ -92,10 +82,6 @@ class Trajectory:
         cat = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
         first = parts[0]
         return Trajectory(cat("latents"), first.timesteps, cat("means"), first.stds, cat("log_probs"), first.noise_levels)
-
-    def to(self, device) -> "Trajectory":
-        return Trajectory(*(getattr(self, f.name).to(device) if getattr(self, f.name) is not None else None
-                            for f in fields(self)))
 
 
 @torch.no_grad()

@@ -70,11 +70,6 @@ class Schedule(abc.ABC):
         """Model timesteps ``[B]`` drawn from the training distribution p(t), restricted to the
         fraction ``[t_min, t_max]`` of the time range (1 = pure noise)."""
 
-    def add_noise(self, x0: Tensor, eps: Tensor, timesteps: Tensor) -> Tensor:
-        """``x_t = alpha x0 + sigma eps`` at model timesteps ``[B]``."""
-        alpha, sigma = self.coefficients(timesteps)
-        return expand_like(alpha, x0) * x0 + expand_like(sigma, x0) * eps
-
     def to_x0_eps(self, prediction: Tensor, x_t: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         """``(x0_hat, eps_hat)`` from a network output at model timesteps ``[B]``."""
         alpha, sigma = self.coefficients(timesteps)

@@ -278,17 +278,3 @@ def module_args(**kwargs) -> list[str]:
     """Names of the arguments given as ``nn.Module`` objects (a model or reward passed in Python rather
     than by name): they are kept out of ``hparams`` and checkpoints' hyper-parameters."""
     return [name for name, value in kwargs.items() if isinstance(value, nn.Module)]
-
-
-def check_at_least_one(**values: int) -> None:
-    """Raise a ValueError naming the first argument that is not an integer >= 1 (a count)."""
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be an integer >= 1")
-
-
-def check_positive(**values: float) -> None:
-    """Raise a ValueError naming the first argument that is not > 0."""
-    for name, v in values.items():
-        if not (isinstance(v, (int, float)) and v > 0):
-            raise ValueError(f"{name}={v!r} must be a positive number")

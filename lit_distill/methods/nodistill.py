@@ -35,10 +35,9 @@ class NoDistillOneStep(OneStepModule):
 
     ``noising.weighting`` defaults to ``"constant"`` here (w = 1: the plain integral of the divergence over t),
     and ``optim.aux_updates_per_generator_update`` to 4: the generator's gradient is only as good as the
-    classifier's ratio estimate, and with one classifier update per generator update the generator diverged in
-    our runs; a classifier learning rate above the generator's (``optim.aux_lr``) helps for the same reason
-    (docs/one_step.md). Batches must hold real ``"image"`` s in ``[-1, 1]`` (``ImageDataModule``) besides the
-    prompts. One training step: a classifier update, then, every ``aux_updates_per_generator_update``-th step,
+    classifier's ratio estimate, so the classifier gets several updates per generator update (docs/one_step.md
+    gives the runs behind this default and behind a larger ``optim.aux_lr``). Batches must hold real ``"image"`` s
+    in ``[-1, 1]`` (``ImageDataModule``) besides the prompts. One training step: a classifier update, then, every ``aux_updates_per_generator_update``-th step,
     a generator update.
     """
 

@@ -107,9 +107,8 @@ def build_embedded_model(
     `lit_distill.data.embedded.embedded_vocabulary()`). `attention_levels[i]` puts cross-attention in level i
     (default: all but the first, full-resolution level). Heads have 16 channels.
 
-    The default (16, 32, 64) has 1.06M denoiser parameters (+0.1M text encoder); trained with flow matching
-    on the 1797 scikit-learn digits (B=64, lr 1e-3, 10% caption dropout) it draws recognisable digits of the
-    prompted class after 500 steps (CFG 3, 30 Euler steps). `(32, 64, 64)` (1.69M) is about 1.8x slower.
+    The default (16, 32, 64) has 1.06M denoiser parameters (+0.1M text encoder); docs/models_and_data.md says
+    how well it learns the digits and what a wider one costs.
     """
     if resolution % 2 ** (len(block_channels) - 1):
         raise ValueError(f"resolution={resolution} must be divisible by 2**{len(block_channels) - 1} "
