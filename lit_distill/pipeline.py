@@ -88,11 +88,14 @@ def ensure_embedded_bases(init_args: dict) -> list[Path]:
 
 def embedded_base_main(argv: list[str]) -> None:
     """``lit-distill embedded-base``: train and cache the embedded base model (nothing if cached)."""
-    parser = argparse.ArgumentParser(prog="lit-distill embedded-base", description=ensure_embedded_base.__doc__)
-    parser.add_argument("--resolution", type=int, default=16)
-    parser.add_argument("--family", default="flow", choices=["flow", "vp"])
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--max-steps", type=int, default=1500)
+    parser = argparse.ArgumentParser(
+        prog="lit-distill embedded-base", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train the embedded base model on the embedded digits and cache it where model: embedded:base "
+                    "finds it (nothing to do when it is cached); print its directory.")
+    parser.add_argument("--resolution", type=int, default=16, help="image size of the model")
+    parser.add_argument("--family", default="flow", choices=["flow", "vp"], help="rectified flow or VP (DDPM) schedule")
+    parser.add_argument("--cache-dir", default=None, help="default: $LIT_DISTILL_CACHE or ~/.cache/lit_distill")
+    parser.add_argument("--max-steps", type=int, default=1500, help="training steps")
     print(ensure_embedded_base(**vars(parser.parse_args(argv))))
 
 

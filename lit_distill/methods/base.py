@@ -78,6 +78,8 @@ class DistillModule(L.LightningModule):
         """Lightning's ``load_from_checkpoint``; a checkpoint written before the settings were grouped (layout 1)
         gets its flat hyper-parameters renamed (``settings.LEGACY_NAMES``), or a ValueError naming those that no
         longer exist."""
+        if not Path(checkpoint_path).is_file():  # a URL or a missing file: Lightning's own loading says what failed
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
         if checkpoint.get("lit_distill_layout", 1) < CHECKPOINT_LAYOUT:
             method = checkpoint.get("lit_distill_method")
@@ -128,7 +130,7 @@ class DistillModule(L.LightningModule):
         """Apply the gradient checkpointing option to the trained diffusers network."""
         if self.runtime.gradient_checkpointing:
             if not hasattr(net, "enable_gradient_checkpointing"):
-                raise ValueError(f"gradient_checkpointing=True but {type(net).__name__} does not support it")
+                raise ValueError(f"runtime.gradient_checkpointing=True but {type(net).__name__} does not support it")
             net.enable_gradient_checkpointing()
         return net
 
@@ -138,8 +140,8 @@ class DistillModule(L.LightningModule):
         if not self.runtime.compile:
             return
         if self.device.type != "cuda":
-            raise ValueError("compile=True needs a CUDA device; this run is on "
-                             f"{self.device.type}. Set --model.compile false for CPU runs.")
+            raise ValueError("runtime.compile=True needs a CUDA device; this run is on "
+                             f"{self.device.type}. Set --model.runtime.compile false for CPU runs.")
         net.compile()
 
     def check_finite(self, name: str, value: Tensor) -> bool:
@@ -155,7 +157,7 @@ class DistillModule(L.LightningModule):
             kind = "not finite on another rank" if finite_here else "NaN" if bool(torch.isnan(value).any()) else "inf"
             raise NonFiniteLossError(
                 f"{type(self).__name__}: {name} is {kind} at global step {self.global_step}. Lower the learning "
-                "rate, check the reward, or set nan_policy='skip' to skip such updates.")
+                "rate, check the reward, or set runtime.nan_policy='skip' to skip such updates.")
         self.nonfinite_skipped += 1
         self.log("nonfinite_skipped", float(self.nonfinite_skipped))
         return False
