@@ -1,8 +1,10 @@
-"""``lit-distill``: the LightningCLI entry point.
+"""``lit-distill``: the command line.
 
-``lit-distill fit --config configs/teacher_rl/brightness.yaml`` (any subcommand of LightningCLI), and
-``lit-distill quickstart`` for the whole embedded pipeline. ``--import MODULE`` (repeatable) imports a module
-of yours first, e.g. one whose ``@register_reward("my_reward")`` classes a config then names.
+``lit-distill fit --config configs/teacher_rl/brightness.yaml`` (any subcommand of LightningCLI, run by
+:class:`~lit_distill.distill_cli.DistillCLI`), and ``lit-distill quickstart`` for the whole embedded pipeline.
+``--import MODULE`` (repeatable) imports a module of yours first, e.g. one whose ``@register_reward("my_reward")``
+classes a config then names. This module imports nothing heavy, so ``lit-distill --help`` and
+``lit-distill quickstart --help`` answer at once; Lightning is imported when a subcommand runs.
 """
 from __future__ import annotations
 
@@ -11,37 +13,29 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import lightning as L
-from lightning.pytorch.cli import LightningCLI
+SUBCOMMANDS = {
+    "fit": "train a method from a config: lit-distill fit --config configs/teacher_rl/brightness.yaml",
+    "validate": "run a module's validation loop (LightningCLI)",
+    "test": "run a module's test loop (LightningCLI)",
+    "predict": "run a module's predict loop (LightningCLI)",
+    "quickstart": "the whole embedded chain on a CPU: base model -> task teachers -> OPD student -> one-step "
+                  "generator",
+}
+HELP = f"""usage: lit-distill [-h] [--import MODULE] {{{','.join(SUBCOMMANDS)}}} ...
 
+Reward fine-tuning (TeacherRL), multi-teacher on-policy distillation (OPDStudent) and one-step generators
+(DisBackStudent, NoDistillOneStep) for diffusion models, on PyTorch Lightning.
 
-class DistillCLI(LightningCLI):
-    """LightningCLI with subclass mode for modules and data, so configs name ``class_path``es."""
+subcommands:
+{chr(10).join(f"  {name:<11} {text}" for name, text in SUBCOMMANDS.items())}
 
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("subclass_mode_model", True)
-        kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("auto_configure_optimizers", False)
-        super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+options:
+  --import MODULE  import a module (or a .py file) of yours first, e.g. one registering a reward; repeatable
 
-    def _parse_ckpt_path(self) -> None:
-        """The given config is the run. LightningCLI's default replaces the model's settings by the checkpoint's
-        when ``--ckpt_path`` is a file, which silently undid changed settings; the methods instead compare them on
-        resume and log each change or refuse it (``DistillModule.on_load_checkpoint``)."""
-
-    def instantiate_classes(self) -> None:
-        """Raise a class's own error (it names the field and the fix) instead of jsonargparse's "Does not validate
-        against any of the Union subtypes" wrapper, which buries it in a dump of every argument."""
-        try:
-            super().instantiate_classes()
-        except ValueError as e:
-            cause = e.__cause__
-            while isinstance(cause, ValueError) and "Union subtypes" in str(cause) and cause.__cause__ is not None:
-                cause = cause.__cause__
-            if "Union subtypes" not in str(e) or cause is None:
-                raise
-            raise cause from cause.__cause__
+`lit-distill SUBCOMMAND --help` shows a subcommand's options; `lit-distill fit --help` lists the methods, data
+modules and callbacks, `lit-distill fit --model.help TeacherRL` the arguments of one.
+Environment: LIT_DISTILL_CACHE (where the base model and classifier are cached, default ~/.cache/lit_distill),
+LIT_DISTILL_TINY=1 (every run at smoke-test size: checks that a command runs, its numbers mean nothing)."""
 
 
 def usage_error(message: str) -> None:
@@ -114,16 +108,31 @@ def check_config_files(argv: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "quickstart":
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP)
+        if not argv:
+            raise SystemExit(2)
+        return
+    if argv[0] == "quickstart":
         from .pipeline import quickstart_main
 
         quickstart_main(argv[1:])
         return
     argv = import_user_modules(argv)
     check_config_files(argv)
+    from .distill_cli import DistillCLI
+
     if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = argv
     DistillCLI(args=None if args is None else argv)
+
+
+def __getattr__(name: str):  # `from lit_distill.cli import DistillCLI` without importing Lightning up front
+    if name == "DistillCLI":
+        from .distill_cli import DistillCLI
+
+        return DistillCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,20 @@
-"""Small helpers shared by every part of lit_distill: image conversions and the cache directory."""
+"""Small helpers shared by every part of lit_distill: image conversions (loaded on first use), the cache
+directory, the smoke-test size."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from lit_distill.utils.images import check_images, from_unit, make_grid_png, to_uint8, to_unit
+from lit_distill._lazy import lazy_exports
 
-__all__ = ["check_images", "default_cache_dir", "from_unit", "make_grid_png", "to_uint8", "to_unit"]
+_EXPORTS = dict.fromkeys(["check_images", "from_unit", "make_grid_png", "to_uint8", "to_unit"], ".images")
+__all__ = sorted(["TINY_ENV", "default_cache_dir", "tiny_run", *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+#: ``LIT_DISTILL_TINY=1`` runs every command at smoke-test size: the tiny embedded base recipe, a few steps per
+#: stage, small evaluations (``lit_distill.cli``, ``lit_distill.pipeline``). It checks that commands run; its
+#: numbers mean nothing.
+TINY_ENV = "LIT_DISTILL_TINY"
 
 
 def default_cache_dir() -> Path:
@@ -16,3 +24,8 @@ def default_cache_dir() -> Path:
     """
     env = os.environ.get("LIT_DISTILL_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lit_distill"
+
+
+def tiny_run() -> bool:
+    """True when ``$LIT_DISTILL_TINY`` asks for smoke-test sizes (any value but empty, 0, false, no)."""
+    return os.environ.get(TINY_ENV, "").strip().lower() not in ("", "0", "false", "no")

@@ -1,0 +1,80 @@
+"""``DistillCLI``: the LightningCLI behind ``lit-distill fit`` (and validate / test / predict).
+
+Importing this module registers the methods, data modules and callbacks (configs and the command line may name
+them by class name: ``--model TeacherRL``, ``--model.help TeacherRL``). ``lit_distill.cli`` imports it only when a
+subcommand runs, because importing Lightning takes seconds.
+"""
+from __future__ import annotations
+
+import time
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from . import callbacks, data, methods  # noqa: F401 - registers the classes under their short names
+from .quiet import quiet_third_party
+from .run_report import fit_report
+from .utils import tiny_run
+
+#: ``LIT_DISTILL_TINY=1``: the most optimiser steps, FID samples and evaluation prompts of any run.
+SMOKE_TEST = {"max_steps": 6, "num_samples": 64, "num_prompts": 12}
+
+
+class DistillCLI(LightningCLI):
+    """LightningCLI with subclass mode for modules and data, so configs name ``class_path``es (or class names);
+    quiets the third-party messages every run would repeat, and prints where the results went after ``fit``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """The given config is the run. LightningCLI's default replaces the model's settings by the checkpoint's
+        when ``--ckpt_path`` is a file, which silently undid changed settings; the methods instead compare them on
+        resume and log each change or refuse it (``DistillModule.on_load_checkpoint``)."""
+
+    def instantiate_classes(self) -> None:
+        """Raise a class's own error (it names the field and the fix) instead of jsonargparse's "Does not validate
+        against any of the Union subtypes" wrapper, which buries it in a dump of every argument."""
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            cause = e.__cause__
+            while isinstance(cause, ValueError) and "Union subtypes" in str(cause) and cause.__cause__ is not None:
+                cause = cause.__cause__
+            if "Union subtypes" not in str(e) or cause is None:
+                raise
+            raise cause from cause.__cause__
+
+    def before_instantiate_classes(self) -> None:
+        quiet_third_party()
+        if tiny_run():
+            shrink_to_smoke_test(self.config[self.subcommand] if self.subcommand else self.config)
+
+    def before_fit(self) -> None:
+        self._fit_started = time.time()
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(fit_report(self.trainer, time.time() - self._fit_started), flush=True)
+
+
+def shrink_to_smoke_test(config) -> None:
+    """Cap a parsed ``fit`` config at the :data:`SMOKE_TEST` sizes (``max_steps``; FID ``num_samples``; reward
+    evaluation ``num_prompts``, one sample each); ``"embedded:base"`` becomes the tiny base recipe by itself
+    (``default_base_recipe``). Nothing else changes, so a config that fails at its own settings still fails."""
+    trainer = config["trainer"]
+    steps = trainer.get("max_steps")
+    trainer["max_steps"] = SMOKE_TEST["max_steps"] if steps is None or steps < 0 else min(steps, SMOKE_TEST["max_steps"])
+    for callback in trainer.get("callbacks") or []:
+        args = callback.get("init_args") if hasattr(callback, "get") else None
+        if args is None:
+            continue
+        if "num_samples" in args:
+            args["num_samples"] = min(args["num_samples"], SMOKE_TEST["num_samples"])
+        if "num_prompts" in args:
+            args["num_prompts"] = min(args["num_prompts"] or SMOKE_TEST["num_prompts"], SMOKE_TEST["num_prompts"])
+            args["samples_per_prompt"] = 1
