@@ -7,7 +7,8 @@ from pathlib import Path
 
 from lit_distill._lazy import lazy_exports
 
-_EXPORTS = dict.fromkeys(["check_images", "from_unit", "make_grid_png", "to_uint8", "to_unit"], ".images")
+_EXPORTS = dict.fromkeys(["check_images", "from_unit", "ink_moments", "make_grid_png", "slant", "to_uint8", "to_unit"],
+                         ".images")
 __all__ = sorted(["TINY_ENV", "default_cache_dir", "tiny_run", *_EXPORTS])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
