@@ -257,8 +257,10 @@ def methods_table() -> str:
 def quickstart_time() -> str:
     """How long the quickstart took from an empty cache, and how much of that was the base model."""
     rec = record("quickstart")
-    s, load = rec["figures"]["seconds"], rec["figures"]["load_average"]["before"][0]
-    shared = f"; other work shared the machine (load average {load:.1f} at the start)" if load > 1 else ""
+    f = rec["figures"]
+    s, load = f["seconds"], f["load_average"]["before"][0]
+    shared = (f"; other work shared the machine (load average {load:.1f} at the start), and the run used "
+              f"{f['cpu_seconds'] / 60:.0f} CPU-minutes" if load > 1 else "")
     return (f"took {s['total'] / 60:.1f} minutes on {rec['device']} from an empty cache ({s['base'] / 60:.1f} of "
             f"them for the base model, which later runs reuse{shared})")
 
