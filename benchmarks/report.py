@@ -393,8 +393,11 @@ def opd_task_confusion_table() -> str:
 def quickstart_table() -> str:
     f = figures("quickstart")
     rows = [[stage, f"{s:.0f}"] for stage, s in f["seconds"].items()]
-    return stamped_table("quickstart", ["stage", "seconds"], rows,
-                         note="`lit-distill quickstart` at its default sizes, from an empty cache.")
+    load = f["load_average"]
+    return stamped_table("quickstart", ["stage", "wall seconds"], rows,
+                         note=f"`lit-distill quickstart` at its default sizes, from an empty cache: "
+                              f"{f['cpu_seconds'] / 60:.0f} CPU-minutes on {f['threads']} threads; load average "
+                              f"{load['before'][0]:.1f} at the start, {load['after'][0]:.1f} at the end.")
 
 
 @section("throughput")

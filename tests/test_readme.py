@@ -92,7 +92,7 @@ def test_readme_commands_run_as_written(tmp_path):
     assert {g.parts[-3] for g in grids} == {"base", "teacher_correctness", "teacher_brightness", "teacher_compress",
                                             "opd", "one_step"}
     assert len({g.read_bytes() for g in grids}) == len(grids)  # no stage re-writes another's grid
-    assert summary["seconds"]["total"] > 0 and (tmp_path / "outputs/quickstart/tensorboard/opd").is_dir()
+    assert summary["seconds"]["total"] > 0 and (tmp_path / "outputs/quickstart/opd/tensorboard").is_dir()
     # one base model, shared by the quickstart and every config naming embedded:base
     bases = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("base_") and p.is_dir()
              and not p.name.endswith(".logs")]
