@@ -51,11 +51,12 @@ def test_embedded_base_is_trained_once_into_its_recipe_folder(tmp_path, monkeypa
 
     monkeypatch.setenv("LIT_DISTILL_CACHE", str(tmp_path))
     monkeypatch.setenv("LIT_DISTILL_TINY", "1")
-    recipe = TINY_BASE_RECIPE.replace(max_steps=2)
+    changes = {"max_steps": 2, "data": "embedded:digits"}  # scikit-learn's digits: nothing to fetch
+    recipe = TINY_BASE_RECIPE.replace(**changes)
     path = ensure_embedded_base(recipe, progress=False)
     assert path == tmp_path / recipe.name and json.loads((path / "recipe.json").read_text())["max_steps"] == 2
     stamp = (path / "model_index.json").stat().st_mtime_ns
-    assert ensure_embedded_base(max_steps=2, progress=False) == path  # the default (tiny) recipe, changed alike
+    assert ensure_embedded_base(progress=False, **changes) == path  # the default (tiny) recipe, changed alike
     assert (path / "model_index.json").stat().st_mtime_ns == stamp
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("base_")) == [path.name, path.name + ".logs"]
-    assert load_model("embedded:base", max_steps=2).sample_shape == (1, 16, 16)
+    assert load_model("embedded:base", **changes).sample_shape == (1, 16, 16)

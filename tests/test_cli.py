@@ -139,7 +139,9 @@ def test_quickstart_help_shows_every_option_with_its_default_and_meaning():
     for option in ("--teacher-steps", "--opd-steps", "--one-step-steps", "--pretrain-steps", "--out-dir"):
         assert option in result.stdout
     assert "(default: 150)" in result.stdout and "optimiser steps of the OPD student" in result.stdout
-    assert "default: 1500, the base recipe's" in " ".join(result.stdout.split())
+    from lit_distill.models.base_recipe import BaseRecipe
+
+    assert f"default: {BaseRecipe.max_steps}, the base recipe's" in " ".join(result.stdout.split())
 
 
 def test_import_lit_distill_is_light_and_exports_methods_lazily():

@@ -14,6 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lit_distill.data.mnist import CACHE_NAME
+from lit_distill.utils import default_cache_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Commands shown in the README that this test does not run, and why.
@@ -65,6 +68,10 @@ def test_every_readme_command_is_run_or_skipped_for_a_reason():
 def test_readme_commands_run_as_written(tmp_path):
     commands = [c for c in readme_commands() if not any(c.startswith(p) for p in NOT_RUN)]
     (tmp_path / "configs").symlink_to(ROOT / "configs")
+    mnist = default_cache_dir() / "data" / CACHE_NAME
+    if mnist.is_file():  # the MNIST digits, fetched once from PyPI: reuse them rather than fetch them again
+        (tmp_path / "cache" / "data").mkdir(parents=True)
+        (tmp_path / "cache" / "data" / CACHE_NAME).symlink_to(mnist)
     env = {**os.environ, "LIT_DISTILL_TINY": "1", "LIT_DISTILL_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "default"}
     argvs = [shlex.split(c)[1:] for c in commands]
