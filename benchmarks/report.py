@@ -259,10 +259,10 @@ def quickstart_time() -> str:
     rec = record("quickstart")
     f = rec["figures"]
     s, load = f["seconds"], f["load_average"]["before"][0]
-    shared = (f"; other work shared the machine (load average {load:.1f} at the start), and the run used "
-              f"{f['cpu_seconds'] / 60:.0f} CPU-minutes" if load > 1 else "")
-    return (f"took {s['total'] / 60:.1f} minutes on {rec['device']} from an empty cache ({s['base'] / 60:.1f} of "
-            f"them for the base model, which later runs reuse{shared})")
+    shared = (f" (a shared machine: load average {load:.1f} at the start; the run itself used "
+              f"{f['cpu_seconds'] / 60:.0f} CPU-minutes)" if load > 1 else "")
+    return (f"took {s['total'] / 60:.1f} minutes on {rec['device']} from an empty cache, {s['base'] / 60:.1f} of "
+            f"them for the base model, which later runs reuse{shared}")
 
 
 @section("ddp_scaling")
@@ -396,7 +396,7 @@ def quickstart_table() -> str:
     load = f["load_average"]
     return stamped_table("quickstart", ["stage", "wall seconds"], rows,
                          note=f"`lit-distill quickstart` at its default sizes, from an empty cache: "
-                              f"{f['cpu_seconds'] / 60:.0f} CPU-minutes on {f['threads']} threads; load average "
+                              f"{f['cpu_seconds'] / 60:.0f} CPU-minutes, torch threads: {f['threads']}; load average "
                               f"{load['before'][0]:.1f} at the start, {load['after'][0]:.1f} at the end.")
 
 
