@@ -6,7 +6,7 @@ from pathlib import Path
 
 import lightning as L
 
-from .callbacks import ExportCallback, FIDCallback, RewardCallback
+from .callbacks import DurableCheckpoint, ExportCallback, FIDCallback, RewardCallback
 
 
 def evaluation_lines(trainer: L.Trainer) -> list[tuple[str, str]]:
@@ -43,7 +43,8 @@ def output_lines(trainer: L.Trainer) -> list[tuple[str, str]]:
     for checkpoint in trainer.checkpoint_callbacks:
         path = checkpoint.last_model_path or checkpoint.best_model_path
         if path:
-            out.append(("checkpoint", f"{path}  (resume with --ckpt_path)"))
+            resume = "last" if isinstance(checkpoint, DurableCheckpoint) else path
+            out.append(("checkpoint", f"{path}  (resume with --ckpt_path {resume})"))
     for callback in trainer.callbacks:
         if isinstance(callback, RewardCallback) and callback.history:
             root = callback.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "reward_eval"

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from lit_distill.data.mnist import CACHE_NAME
+from lit_distill.pipeline import TASK_REWARDS
 from lit_distill.utils import default_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,15 +90,16 @@ def test_readme_commands_run_as_written(tmp_path):
     for noise in NOISE:
         assert noise not in output, noise
     # the quickstart: stages named as they start, the table, labelled grids that differ from stage to stage
-    quickstart = runs[runs.index('["quickstart"]') + 1]
-    assert re.search(r"^\[1/7\] base model", quickstart, re.M) and "[3/7] teacher 'correctness'" in quickstart
+    quickstart, tasks = runs[runs.index('["quickstart"]') + 1], list(TASK_REWARDS)
+    stages = len(tasks) + 4  # base, its evaluation, a teacher per task, OPD, one-step
+    assert re.search(rf"^\[1/{stages}\] base model", quickstart, re.M)
+    assert f"[3/{stages}] teacher '{tasks[0]}'" in quickstart
     assert "best possible" in quickstart and "opd: teacher gain kept" in quickstart
-    order = [quickstart.index(f"  {task} ") for task in ("correctness", "brightness", "compress")]
+    order = [quickstart.index(f"  {task} ") for task in tasks]  # the task legend, in the tasks' order
     assert order == sorted(order)
     summary = json.loads((tmp_path / "outputs/quickstart/summary.json").read_text())
     grids = [tmp_path / g for g in summary["grids"]]
-    assert {g.parts[-3] for g in grids} == {"base", "teacher_correctness", "teacher_brightness", "teacher_compress",
-                                            "opd", "one_step"}
+    assert {g.parts[-3] for g in grids} == {"base", *(f"teacher_{t}" for t in tasks), "opd", "one_step"}
     assert len({g.read_bytes() for g in grids}) == len(grids)  # no stage re-writes another's grid
     assert summary["seconds"]["total"] > 0 and (tmp_path / "outputs/quickstart/opd/tensorboard").is_dir()
     # one base model, shared by the quickstart and every config naming embedded:base
