@@ -234,7 +234,7 @@ def methods_table() -> str:
          f"{pre['train_seconds']:.0f} s (`benchmarks/pretrain_digits.py`)", device_of("pretrain_digits")],
         ["GRPO / DDPO reward fine-tuning", "`TeacherRL`", "Black et al. 2023 (DDPO); Liu et al. 2025 (Flow-GRPO)",
          f"{percent_range([headroom_gained(rl['tasks'][t]) for t in tasks])} of the reward headroom on each of "
-         f"{len(tasks)} tasks in {rl['tasks'][tasks[0]]['steps']} steps (`benchmarks/teacher_rl.py`)",
+         f"{len(tasks)} tasks in {rl['tasks'][tasks[0]]['steps']:.0f} steps (`benchmarks/teacher_rl.py`)",
          device_of("teacher_rl")],
         ["on-policy multi-teacher distillation", "`OPDStudent`", "DiffusionOPD",
          f"keeps {' / '.join(f'{k:.0%}' for k in kept)} of the {' / '.join(opd['tasks'])} teachers' gains; mean "
