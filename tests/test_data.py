@@ -191,7 +191,7 @@ def test_image_datamodule_folder(tmp_path):
     dm = ImageDataModule(str(tmp_path), resolution=8, channels=1, batch_size=8, val_fraction=0.0,
                          reference_fraction=0.0)
     dm.setup()
-    assert len(dm.train_dataset) == 3 and len(dm.val_dataset) == 0 and dm.held_out_dataloader() == []
+    assert len(dm.train_dataset) == 3 and len(dm.val_dataset) == 0 and dm.val_dataloader() == []
     items = {it["caption"]: it for it in (dm.train_dataset[i] for i in range(3))}
     assert set(items) == {"a caption from txt", "", "from jsonl"}
     assert int(items["a caption from txt"]["label"]) == 7 and int(items[""]["label"]) == 3
