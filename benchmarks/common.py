@@ -1,5 +1,5 @@
-"""Shared by the benchmark scripts: the results file (schema: shared/design/RESULTS.md), the tables
-in docs/benchmarks.md, and figures.
+"""Shared by the benchmark scripts: the results file (schema: shared/design/RESULTS.md), parallel units, seed means
+and plots.
 
 ``write_results`` writes ``benchmarks/results/NAME.json`` = ``{"benchmark", "command", "device", "date",
 "commit", "figures"}``; with ``merge=True`` the new figures are merged into the file's (each top-level key
@@ -7,9 +7,7 @@ replaced; with ``merge_depth=2`` dicts are merged one level further, e.g. ``figu
 method), so parts of one benchmark measured by separate runs (one GPU, then two) end up in one file, and
 ``provenance[key]`` keeps the command, device, date and commit of the run that wrote each top-level key
 (:func:`merged_record`; ``merge_part`` merges a results file written elsewhere the same way).
-``update_markdown_section`` replaces the text between
-``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of docs/benchmarks.md; ``update_docs_table`` writes one
-table there stamped with its results file."""
+``benchmarks/report.py`` writes README.md and docs/ from the results files."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -162,53 +160,14 @@ def seed_mean(per_seed: dict[str, dict]):
     return first
 
 
-def markdown_table(header: list[str], rows: list[list]) -> list[str]:
-    """The lines of a markdown table; ``None`` cells print as an em dash."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join("—" if c is None else str(c) for c in row) + " |" for row in rows]
-    return lines
 
 
-def update_markdown_section(name: str, body: str, doc: str | os.PathLike = ROOT / "docs" / "benchmarks.md") -> Path:
-    """Replace the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of ``doc`` with ``body``;
-    without those markers, append a ``## NAME`` section holding them (the file is created if missing)."""
-    doc = Path(doc)
-    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + f"\n\n## {name}\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
-    return doc
 
 
-def run_stamp(run: dict) -> str:
-    """``command`` on device, date, commit: one run's stamp in the docs."""
-    return f"`{run['command']}` on **{run['device']}**, {run['date']}, commit `{str(run['commit'])[:12]}`"
 
 
-def provenance_lines(record: dict, key: str, names) -> tuple[dict, list[str]]:
-    """The run that wrote figure ``key`` of ``record`` (its provenance, or the record's own stamp) and a line
-    for each of the entries ``names`` that another run measured (files assembled with :func:`merge_part`)."""
-    stamp = record.get("provenance", {}).get(key, record)
-    others = {name: run for name, run in stamp.get("entries", {}).items()
-              if name in names and run.get("command") != stamp.get("command")}
-    return stamp, [f"Row `{name}`: {run_stamp(run)}." for name, run in others.items()]
 
 
-def update_docs_table(name: str, header: list[str], rows: list[list], results: str | os.PathLike,
-                      doc: str | os.PathLike = ROOT / "docs" / "benchmarks.md", note: str = "",
-                      figure: str | None = None) -> None:
-    """Replace the section between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of the benchmarks
-    page with a markdown table stamped with the command, device, date and commit of ``results`` (of the run
-    that wrote ``figures[figure]`` when given, plus a line per row, named in column 0, that another run measured)."""
-    record = json.loads(Path(results).read_text())
-    stamp, others = provenance_lines(record, figure, [row[0] for row in rows]) if figure else (record, [])
-    lines = [run_stamp(stamp) + (f". {note}" if note else ""), ""] + [line for o in others for line in (o, "")]
-    update_markdown_section(name, "\n".join(lines + markdown_table(header, rows)), doc)
 
 
 def _pyplot():

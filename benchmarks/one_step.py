@@ -19,7 +19,9 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_curves, run_jobs, seed_mean, update_docs_table, write_results  # noqa: E402
+from common import run_jobs, seed_mean, write_results  # noqa: E402
+
+import report  # noqa: E402
 
 from lit_distill.callbacks import FIDCallback  # noqa: E402
 from lit_distill.data import ImageDataModule  # noqa: E402
@@ -97,7 +99,6 @@ def parse(argv=None):
     p.add_argument("--unit", nargs=2, metavar=("SEED", "SYSTEM"), help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results/one_step.json")
     p.add_argument("--no-docs", action="store_true", help="do not touch docs/ (e.g. when --out is a part to merge)")
-    p.add_argument("--docs-only", action="store_true", help="measure nothing: rebuild figure and table from --out")
     return p.parse_args(argv)
 
 
@@ -106,10 +107,9 @@ def main(argv=None):
     if args.unit:
         run_unit(args, int(args.unit[0]), args.unit[1])
         return
-    if not args.docs_only:
-        write_results("one_step", measure(args), args.out)
+    write_results("one_step", measure(args), args.out)
     if not args.no_docs:
-        write_docs(args.out)
+        report.write_all()
 
 
 def settings(args) -> tuple[int, int, int]:
@@ -223,38 +223,6 @@ def measure(args) -> dict:
                     "the teacher, the generators nor the digit classifier trained on; real_floor is the FID of as "
                     "many held-out real images (the validation part). DisBack's degradation-recording updates train "
                     "only the auxiliary score and are not on the x axis (disback_recording_updates)."}
-
-
-def reach_fraction(curve: list, target: float) -> float | None:
-    """The fraction of ``curve``'s updates after which its FID first is <= ``target`` (None: never)."""
-    return next((x / curve[-1][0] for x, y in curve if y <= target), None)
-
-
-def write_docs(results: str) -> None:
-    figures = json.loads(Path(results).read_text())["figures"]
-    curves, seconds, seeds = figures["curves"], figures["wall_seconds"], figures.get("seeds", [0])
-    plot_curves(curves, "docs/one_step_fid.png", xlabel="generator updates", ylabel="fid_classifier (log)",
-                hline=figures["teacher_fid"], hline_label=f"teacher ({figures['teacher_steps']} steps)", logy=True)
-    per_seed = figures.get("curves_per_seed", {})
-    rows = []
-    for name, c in curves.items():
-        finals = [per_seed[str(k)][name][-1][1] for k in seeds if name in per_seed.get(str(k), {})]
-        rows.append([name, f"{c[0][1]:.2f}", f"{c[len(c) // 2][1]:.2f}", c[-1][0], f"{c[-1][1]:.2f}",
-                     ", ".join(f"{v:.2f}" for v in finals), seconds.get(name, "")])
-    for name, run in figures.get("ablations", {}).items():
-        c = run["curve"]
-        rows.append([f"{run['system']} [{name}: {json.dumps(run['settings'])}]", f"{c[0][1]:.2f}",
-                     f"{c[len(c) // 2][1]:.2f}", c[-1][0], f"{c[-1][1]:.2f}", "", seconds.get(name, "")])
-    rows.append([f"teacher, {figures['teacher_steps']} ODE steps", "", "", "", f"{figures['teacher_fid']:.2f}", "", ""])
-    rows.append(["real floor (held-out real images)", "", "", "", f"{figures['real_floor']:.2f}", "", ""])
-    note = (f"Mean over seeds {seeds}; {figures['num_samples']} samples per FID. " + figures.get("note", "")
-            + " Rows with [brackets] are ablations.")
-    if "disback" in curves and "diff_instruct" in curves:
-        reach = reach_fraction(curves["disback"], curves["diff_instruct"][-1][1])
-        note += (f" DisBack reaches Diff-Instruct's final FID after "
-                 f"{'never' if reach is None else f'{reach:.0%} of'} its generator updates.")
-    update_docs_table("one_step", ["system", "fid at 0", "fid at half", "updates", "final fid", "final fid per seed",
-                                   "seconds"], rows, results, note=note, figure="curves")
 
 
 if __name__ == "__main__":

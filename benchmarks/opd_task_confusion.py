@@ -16,12 +16,13 @@ share of each teacher's reward gain the student keeps on held-out prompts:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import update_docs_table, write_results  # noqa: E402
+from common import write_results  # noqa: E402
+
+import report  # noqa: E402
 
 from lit_distill.data import DIGIT_WORDS, PROMPT_TEMPLATES, write_prompt_file  # noqa: E402
 from lit_distill.methods import OPDStudent, TeacherRL  # noqa: E402
@@ -44,7 +45,6 @@ def parse(argv=None):
                    "batch of 4 prompts x 8 and its 5 minibatch updates each)")
     p.add_argument("--work", default="runs/opd_task_confusion")
     p.add_argument("--out", default="benchmarks/results/opd_task_confusion.json")
-    p.add_argument("--docs-only", action="store_true")
     return p.parse_args(argv)
 
 
@@ -110,23 +110,10 @@ def measure(args) -> dict:
             "note": "kept = (OPD - base) / (teacher - base) of each task's reward on that set's held-out prompts"}
 
 
-def write_docs(results: str) -> None:
-    figures = json.loads(Path(results).read_text())["figures"]
-    rows = []
-    for name, e in figures["prompt_sets"].items():
-        for task, kept in e["kept"].items():
-            rows.append([name, task, f"`{e['example_prompts'][task]}`", round(e["base"][task], 3),
-                         round(e[f"teacher/{task}"][task], 3), round(e["opd"][task], 3), f"{kept:.0%}"])
-    update_docs_table("opd_task_confusion", ["prompt set", "task", "example prompt", "base", "teacher", "OPD",
-                                             "gain kept"], rows, results,
-                      note=f"{figures['steps']} steps per teacher and per student. {figures['note']}.")
-
-
 def main(argv=None):
     args = parse(argv)
-    if not args.docs_only:
-        write_results("opd_task_confusion", measure(args), args.out)
-    write_docs(args.out)
+    write_results("opd_task_confusion", measure(args), args.out)
+    report.write_all()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_bars, run_jobs, seed_mean, update_docs_table, write_results  # noqa: E402
+from common import run_jobs, seed_mean, write_results  # noqa: E402
+
+import report  # noqa: E402
 
 from lit_distill.pipeline import PER_TASK_REWARD, TASK_REWARDS, fit_stage, rewards_of, split_prompts  # noqa: E402
 
@@ -50,7 +52,6 @@ def parse(argv=None):
     p.add_argument("--eval-samples", type=int, default=8)
     p.add_argument("--unit", nargs=2, metavar=("SEED", "SYSTEM"), help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results/opd_vs_rl.json")
-    p.add_argument("--docs-only", action="store_true", help="measure nothing: rebuild figure and table from --out")
     return p.parse_args(argv)
 
 
@@ -141,48 +142,8 @@ def main(argv=None):
     if args.unit:
         run_unit(args, int(args.unit[0]), args.unit[1])
         return
-    if not args.docs_only:
-        write_results("opd_vs_rl", measure(args), args.out)
-    write_docs(args.out)
-
-
-def kept(systems: dict, name: str, task: str) -> float:
-    gain = systems[f"teacher/{task}"][task] - systems["base"][task]
-    return (systems[name][task] - systems["base"][task]) / max(gain, 1e-12)
-
-
-def steps_of(figures: dict) -> str:
-    """The students' training length as the results file records it (files before training steps counted
-    optimiser updates)."""
-    if "student_steps" in figures:
-        return f"{figures['student_steps']} training steps"
-    return f"{figures['student_updates']} optimiser steps"
-
-
-def write_docs(results: str) -> None:
-    figures = json.loads(Path(results).read_text())["figures"]
-    tasks, systems, seeds = figures["tasks"], figures["systems"], figures.get("seeds", [0])
-    plot_bars(systems, tasks, "docs/opd_vs_rl.png", ylabel="reward on held-out prompts")
-    students = [s for s in systems if s != "base" and not s.startswith("teacher/")]
-    rows = []
-    for s in systems:
-        row = [s] + [f"{systems[s][t]:.3f}" for t in tasks] + [f"{sum(systems[s][t] for t in tasks) / len(tasks):.3f}"]
-        if s in students:
-            per = ["/".join(f"{kept(figures['per_seed'][str(k)], s, t):.0%}" for k in seeds) for t in tasks] \
-                if "per_seed" in figures else []
-            row.append(", ".join(f"{kept(systems, s, t):.0%}" for t in tasks) + (f" (per seed: {'; '.join(per)})" if per else ""))
-        else:
-            row.append("")
-        rows.append(row)
-    for name, ablation in figures.get("ablations", {}).items():
-        r = ablation["rewards"]
-        rows.append([f"opd [{name}: {json.dumps(ablation['settings'])}]"] + [f"{r[t]:.3f}" for t in tasks]
-                    + [f"{sum(r[t] for t in tasks) / len(tasks):.3f}"]
-                    + [", ".join(f"{kept({**systems, name: r}, name, t):.0%}" for t in tasks)])
-    update_docs_table("opd_vs_rl", ["system", *tasks, "mean", "teacher gain kept"], rows, results,
-                      note=f"Mean over seeds {seeds}; {steps_of(figures)} per student; "
-                           f"rewards on held-out prompts ({figures.get('eval_samples_per_prompt', 2)} samples each). "
-                           f"OPD settings: `{json.dumps(figures.get('opd_settings', {}))}`. " + figures.get("note", ""))
+    write_results("opd_vs_rl", measure(args), args.out)
+    report.write_all()
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ Writes a grid of samples (a row per digit) and a grid of style words (a row per 
 from __future__ import annotations
 
 import argparse
-import inspect
-import json
 import sys
 import tempfile
 import time
@@ -25,13 +23,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import update_docs_table, write_results  # noqa: E402
+from common import write_results  # noqa: E402
+
+import report  # noqa: E402
 
 from lit_distill.data import caption_for  # noqa: E402
 from lit_distill.data.attributes import ATTRIBUTES, DIGIT_WORDS, measure_strokes, with_articles  # noqa: E402
 from lit_distill.data.embedded import embedded_style_words, load_embedded_digits  # noqa: E402
 from lit_distill.diffusion import sample  # noqa: E402
-from lit_distill.models import DiffusionModel  # noqa: E402
+from lit_distill.models import DiffusionModel, default_base_recipe  # noqa: E402
 from lit_distill.models.classifier import get_digit_classifier  # noqa: E402
 from lit_distill.pipeline import ensure_embedded_base  # noqa: E402
 from lit_distill.utils.images import make_grid_png  # noqa: E402
@@ -50,7 +50,6 @@ def parse(argv=None):
     p.add_argument("--grid", default="docs/pretrain_digits.png")
     p.add_argument("--style-grid", default="docs/pretrain_styles.png")
     p.add_argument("--out", default="benchmarks/results/pretrain_digits.json")
-    p.add_argument("--docs-only", action="store_true")
     return p.parse_args(argv)
 
 
@@ -70,7 +69,8 @@ def styled(word: str, digit: int) -> str:
 def sample_accuracy(model, classifier, per_digit: int, steps: int, guidance: float, grid: str) -> float:
     digits = torch.arange(10).repeat_interleave(per_digit)
     images = draw(model, [caption_for(int(d), i) for i, d in enumerate(digits)], steps, guidance)
-    make_grid_png(images.view(10, per_digit, *images.shape[1:])[:, :10].flatten(0, 1), grid, nrow=10)
+    make_grid_png(images.view(10, per_digit, *images.shape[1:])[:, :10].flatten(0, 1), grid, nrow=10,
+                  row_labels=DIGIT_WORDS, scale=3)
     return (classifier(images).argmax(1).cpu() == digits).float().mean().item()
 
 
@@ -84,7 +84,7 @@ def attribute_control(model, per_digit: int, steps: int, guidance: float, grid: 
         images = draw(model, [styled(word, int(d)) for d in digits], steps, guidance, seed=1)
         measures[word] = {k: v.mean().item() for k, v in measure_strokes(images.cpu()).items()}
         rows.append(images.view(10, per_digit, *images.shape[1:])[:, 0])
-    make_grid_png(torch.cat(rows), grid, nrow=10)
+    make_grid_png(torch.cat(rows), grid, nrow=10, row_labels=STYLE_WORDS, scale=3)
     real_measures = measure_strokes(load_embedded_digits(resolution=resolution, split="train")[0])
     words = embedded_style_words(split="train")  # the words of the training captions
     out = {}
@@ -125,49 +125,30 @@ def velocity_ratio(model: DiffusionModel, resolution: int, n: int = 200, times=(
 
 def main(argv=None):
     args = parse(argv)
-    if not args.docs_only:
-        with tempfile.TemporaryDirectory() as tmp:  # from scratch unless --cache-dir: this measures the training
-            cache = args.cache_dir or tmp
-            start = time.time()
-            kwargs = {"max_steps": args.steps} if args.steps else {}
-            path = ensure_embedded_base(args.resolution, cache_dir=cache, progress=False, **kwargs)
-            seconds = time.time() - start
-            classifier = get_digit_classifier(args.resolution, cache_dir=cache)
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            model = DiffusionModel.from_pretrained(path).eval().to(device)
-            classifier = classifier.to(device)
-            accuracy = sample_accuracy(model, classifier, args.samples_per_digit, args.sampling_steps,
-                                       args.guidance_scale, args.grid)
-            control = attribute_control(model, args.samples_per_digit, args.sampling_steps, args.guidance_scale,
-                                        args.style_grid, args.resolution)
-            ratios = velocity_ratio(model, args.resolution)
-            steps = args.steps or inspect.signature(ensure_embedded_base).parameters["max_steps"].default
-        figures = {"train_seconds": round(seconds, 1), "steps": steps, "resolution": args.resolution,
-                   "source": "mnist", "classifier_heldout_accuracy": round(classifier.heldout_accuracy, 4),
-                   "sample_accuracy": round(accuracy, 4), "samples": 10 * args.samples_per_digit,
-                   "sampling_steps": args.sampling_steps, "guidance_scale": args.guidance_scale, "grid": args.grid,
-                   "style_grid": args.style_grid, "attribute_control": control, "velocity_ratio": ratios,
-                   "velocity_ratio_mean": round(sum(ratios.values()) / len(ratios), 3)}
-        write_results("pretrain_digits", figures, args.out)
-    write_docs(args.out)
-
-
-def write_docs(results: str) -> None:
-    f = json.loads(Path(results).read_text())["figures"]
-    update_docs_table("pretrain_digits", ["steps", "train seconds", "classifier held-out accuracy",
-                                          "sample accuracy", "samples"],
-                      [[f["steps"], f["train_seconds"], f"{f['classifier_heldout_accuracy']:.3f}",
-                        f"{f['sample_accuracy']:.3f}", f["samples"]]], results,
-                      note=f"Grid: `{f['grid']}` (a row per digit, {f['sampling_steps']} ODE steps).")
-    rows = [[name, f"{c['high_word']} / {c['low_word']}", f"{c['generated_high']:.3f} / {c['generated_low']:.3f}",
-             f"{c['real_high']:.3f} / {c['real_low']:.3f}", f"{c['gap_fraction']:.2f}",
-             f"{f['velocity_ratio'][c['high_word']]:.2f} / {f['velocity_ratio'][c['low_word']]:.2f}"]
-            for name, c in f["attribute_control"].items()]
-    update_docs_table("pretrain_styles", ["attribute", "words", "samples (high / low)", "real images (high / low)",
-                                          "gap fraction", "velocity ratio (high / low)"], rows, results,
-                      note=f"Grid: `{f['style_grid']}` (a row per style word, a column per digit). Gap fraction: the "
-                           "samples' gap between the two words over the real images' gap. Velocity ratio: how far a "
-                           "style word moves the velocity, relative to changing the digit word.")
+    with tempfile.TemporaryDirectory() as tmp:  # from scratch unless --cache-dir: this measures the training
+        cache = args.cache_dir or tmp
+        start = time.time()
+        kwargs = {"max_steps": args.steps} if args.steps else {}
+        path = ensure_embedded_base(cache_dir=cache, progress=False, resolution=args.resolution, **kwargs)
+        seconds = time.time() - start
+        classifier = get_digit_classifier(args.resolution, cache_dir=cache)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = DiffusionModel.from_pretrained(path).eval().to(device)
+        classifier = classifier.to(device)
+        accuracy = sample_accuracy(model, classifier, args.samples_per_digit, args.sampling_steps,
+                                   args.guidance_scale, args.grid)
+        control = attribute_control(model, args.samples_per_digit, args.sampling_steps, args.guidance_scale,
+                                    args.style_grid, args.resolution)
+        ratios = velocity_ratio(model, args.resolution)
+        steps = args.steps or default_base_recipe().max_steps
+    figures = {"train_seconds": round(seconds, 1), "steps": steps, "resolution": args.resolution,
+               "source": "mnist", "classifier_heldout_accuracy": round(classifier.heldout_accuracy, 4),
+               "sample_accuracy": round(accuracy, 4), "samples": 10 * args.samples_per_digit,
+               "sampling_steps": args.sampling_steps, "guidance_scale": args.guidance_scale, "grid": args.grid,
+               "style_grid": args.style_grid, "attribute_control": control, "velocity_ratio": ratios,
+               "velocity_ratio_mean": round(sum(ratios.values()) / len(ratios), 3)}
+    write_results("pretrain_digits", figures, args.out)
+    report.write_all()
 
 
 if __name__ == "__main__":

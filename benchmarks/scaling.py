@@ -12,7 +12,7 @@ the same method and strategy. Peak memory is rank 0's ``torch.cuda.max_memory_al
     python benchmarks/scaling.py                          # every GPU count up to the machine's, DDP and FSDP
     python benchmarks/scaling.py --gpus 1 2 4 --strategies ddp
     python benchmarks/scaling.py --tiny --gpus 1 2        # CPU smoke test on gloo (tiny UNet, fp32)
-    python benchmarks/scaling.py --docs-only              # table and plot from the JSON
+    python benchmarks/report.py                           # table and plot from the JSON (every page)
 
 It measures the training command of the README's multi-GPU section, e.g.
 ``lit-distill fit --config configs/teacher_rl/sd_local.yaml --trainer.devices 4 --trainer.strategy ddp``, with the
@@ -33,7 +33,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import ROOT, markdown_table, update_markdown_section, write_results, _pyplot  # noqa: E402
+from common import ROOT, write_results  # noqa: E402
+
+import report  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "scaling.json"
 METHODS = ("teacher_rl", "opd")
@@ -135,31 +137,6 @@ def efficiency(points: list[dict]) -> dict:
     return out
 
 
-def write_docs(path: Path) -> None:
-    record = json.loads(path.read_text())
-    f = record["figures"]
-    rows = []
-    for p in f["points"]:
-        eff = f["efficiency"].get(f"{p['method']}/{p['strategy']}", {}).get(str(p["gpus"]))
-        rows.append([p["method"], p["strategy"], p["gpus"], "error" if "error" in p else f"{p['images_per_s']:.2f}",
-                     None if eff is None else f"{100 * eff:.0f}%",
-                     None if p.get("peak_mem_gib") is None else f"{p['peak_mem_gib']:.1f}"])
-    lines = [f"`{record['command']}` on **{record['device']}**, {record['date']}, commit `{record['commit'][:12]}`. "
-             f"{f['model']}; plot: `docs/scaling.png`.", ""]
-    update_markdown_section("scaling", "\n".join(lines + markdown_table(
-        ["method", "strategy", "GPUs", "images/s", "efficiency", "peak GiB (rank 0)"], rows)))
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    for key, effs in f["efficiency"].items():
-        xs = sorted(int(n) for n in effs)
-        ax.plot(xs, [effs[str(n)] for n in xs], marker="o", label=key)
-    ax.set_xlabel("GPUs"), ax.set_ylabel("scaling efficiency"), ax.set_ylim(0, 1.1), ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "scaling.png")
-    plt.close(fig)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", type=int, nargs="+", default=None, help="GPU counts (default 1, 2, 4, 8 up to the machine's)")
@@ -172,7 +149,6 @@ def main(argv=None) -> None:
     p.add_argument("--precision", default=None, help="default bf16-mixed (32-true with --tiny)")
     p.add_argument("--tiny", action="store_true", help="tiny UNet on CPU processes over gloo (smoke test)")
     p.add_argument("--out", default=None)
-    p.add_argument("--docs-only", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", default="teacher_rl", help=argparse.SUPPRESS)
     p.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
@@ -183,10 +159,9 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args)
         return
-    if not args.docs_only:
-        write_results("scaling", measure(args), args.out)
+    write_results("scaling", measure(args), args.out)
     if not args.tiny:
-        write_docs(Path(args.out))
+        report.write_all()
 
 
 if __name__ == "__main__":

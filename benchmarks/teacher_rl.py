@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_curves, run_jobs, seed_mean, update_docs_table, write_results  # noqa: E402
+from common import run_jobs, seed_mean, write_results  # noqa: E402
+
+import report  # noqa: E402
 
 from lit_distill.pipeline import TASK_REWARDS, ensure_embedded_base, fit_stage, split_prompts  # noqa: E402
 
@@ -38,7 +40,6 @@ def parse(argv=None):
     p.add_argument("--tasks", nargs="+", default=list(TASK_REWARDS))
     p.add_argument("--unit", nargs=2, metavar=("SEED", "TASK"), help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results/teacher_rl.json")
-    p.add_argument("--docs-only", action="store_true", help="measure nothing: rebuild figures and table from --out")
     return p.parse_args(argv)
 
 
@@ -104,34 +105,8 @@ def main(argv=None):
     if args.unit:
         train_teacher(args, int(args.unit[0]), args.unit[1])
         return
-    if not args.docs_only:
-        write_results("teacher_rl", train_teachers(args), args.out)
-    write_docs(args.out)
-
-
-def headroom(r: dict) -> float:
-    top = r["final"] if r["max"] is None else r["max"]
-    return (r["final"] - r["base"]) / max(top - r["base"], 1e-12)
-
-
-def write_docs(results: str) -> None:
-    figures = json.loads(Path(results).read_text())["figures"]
-    seeds = figures.get("seeds", [0])
-    for task, r in figures["tasks"].items():
-        plot_curves({task: r["curve"]}, f"docs/teacher_rl_{task}.png", xlabel="training step",
-                    ylabel=f"{task} reward (held-out prompts)", hline=r["max"])
-    rows = []
-    for t, r in figures["tasks"].items():
-        per = [headroom(figures["per_seed"][str(s)][t]) for s in seeds] if "per_seed" in figures else []
-        rows.append([t, f"{r['base']:.3f}", f"{r['final']:.3f}", f"{r['max']:.3f}" if r["max"] is not None else "-",
-                     f"{headroom(r):.0%}" + (f" ({', '.join(f'{v:.0%}' for v in per)})" if per else ""),
-                     r["steps"], f"{r['wall_seconds']:.0f}", ", ".join(f"{k} {v:.3f}" for k, v in r["others"].items()),
-                     ", ".join(f"{k} {v:.3f}" for k, v in r.get("others_base", {}).items())])
-    update_docs_table("teacher_rl", ["task", "base", "final", "max", "headroom gained (per seed)", "steps", "seconds",
-                                     "other tasks (teacher)", "other tasks (base)"], rows, results,
-                      note=f"Mean over seeds {seeds}. Rewards on held-out prompts "
-                           f"({figures.get('eval_samples_per_prompt', 2)} samples each, fixed seeds, 20-step ODE "
-                           "sampler). A teacher is trained on its task's prompts only.")
+    write_results("teacher_rl", train_teachers(args), args.out)
+    report.write_all()
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ models as two commands where a command is limited to 10 minutes):
     PYTHONUNBUFFERED=1 python benchmarks/throughput.py --model unet --methods teacher_rl opd --compile --no-naive
     PYTHONUNBUFFERED=1 python benchmarks/throughput.py --ddp-scaling          # needs 2 GPUs
     python benchmarks/throughput.py --tiny                                   # CPU smoke test, ~20 s
-    python benchmarks/throughput.py --docs-only                              # table from the JSON
+    python benchmarks/report.py                                              # tables from the JSON
 
 Compiled runs are stored beside the eager ones (``methods_compile``, ``methods_sd3_compile``).
 
@@ -94,7 +94,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import ROOT, markdown_table, provenance_lines, run_stamp, update_markdown_section, write_results  # noqa: E402
+from common import ROOT, write_results  # noqa: E402
+
+import report  # noqa: E402
 
 import lightning as L  # noqa: E402
 
@@ -809,52 +811,6 @@ def ddp_scaling(args) -> dict:
                             "peak_mem_gib": {str(d): r["peak_mem_gib"] for d, r in results.items()}}}
 
 
-# -- report --------------------------------------------------------------------------------------------
-def docs_section(doc: dict) -> str:
-    f = doc["figures"]
-    pct = lambda v: None if v is None else f"{100 * v:.0f}%"  # noqa: E731
-    num = lambda v, d=1: None if v is None else f"{v:.{d}f}"  # noqa: E731
-    peaks = sorted({round(m["peak_tflops"]) for key in f if key.startswith("methods")
-                    for m in (f.get(key) or {}).values() if "peak_tflops" in m} or {round(f.get("peak_tflops", 0))})
-    peak_text = f"{peaks[0]}" if len(peaks) == 1 else f"{peaks[0]}-{peaks[-1]}"
-    lines = [f"Measured by `benchmarks/throughput.py` (results: `benchmarks/results/throughput.json`; the runs "
-             "that wrote each part are listed under `provenance` there). Random-weight denoisers at real size, text "
-             "encoders stubbed, one training step = rollout + update (see the script's docstring for the exact "
-             "workloads and the naive reference). MFU is relative to the bf16 matmul peak measured in the same run "
-             f"as each row: **{peak_text} TFLOP/s**.", ""]
-    header = ["method", "images/s", "rollout img/s", "update img/s", "MFU rollout", "MFU update", "peak GiB",
-              "grad. ckpt", "naive img/s", "speedup"]
-    for key in sorted((k for k in f if k.startswith("methods")), key=lambda k: (k.startswith("methods_sd3"), len(k))):
-        label_key = "model_sd3" if key.startswith("methods_sd3") else "model"
-        methods = f.get(key) or {}
-        if not methods:
-            continue
-        prov, others = provenance_lines(doc, key, methods)
-        compiled = (" with `compile=True`" if "_compile" in key else "") + \
-            (" in channels-last memory format" if "_channels_last" in key else "")
-        lines += [f"**{f.get(label_key, key)}**{compiled} — {run_stamp(prov)}", ""]
-        lines += [line for o in others for line in (o, "")]
-        rows = []
-        for name, m in methods.items():
-            if "error" in m:
-                rows.append([name, f"error: {m['error'][:60]}"] + [None] * (len(header) - 2))
-                continue
-            rows.append([name, num(m["images_per_s"]), num(m["rollout_images_per_s"]), num(m["update_images_per_s"]),
-                         pct(m["mfu_rollout"]), pct(m["mfu_update"]), num(m["peak_mem_gib"]),
-                         "yes" if m.get("gradient_checkpointing") else "no", num(m["naive_images_per_s"], 2),
-                         None if m["speedup_vs_naive"] is None else f"{m['speedup_vs_naive']:.1f}x"])
-        lines += markdown_table(header, rows) + [""]
-    if f.get("ddp_scaling"):
-        d = f.get("ddp_details", {})
-        prov = doc.get("provenance", {}).get("ddp_scaling", doc)
-        lines += [f"**DDP scaling** of `{f.get('ddp_method')}` on the {d.get('model', 'UNet')}, "
-                  f"{d.get('per_gpu_images_per_step')} rollouts per GPU — `{prov.get('command', '')}` on "
-                  f"{prov.get('device', '')}, {prov.get('date', '')}", ""]
-        lines += markdown_table(["GPUs", "images/s", "scaling efficiency"],
-                                [[g, num(v), pct(v / (int(g) * f["ddp_scaling"]["1"]))] for g, v in f["ddp_scaling"].items()])
-    return "\n".join(lines)
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["unet", "sd3", "all"], default="all")
@@ -880,14 +836,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--profile-out", default="profile.txt")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds after which no further method "
                                                                          "is started (results are saved per method)")
-    parser.add_argument("--docs-only", action="store_true", help="measure nothing: rewrite the throughput section "
-                                                                 "of docs/benchmarks.md from the results JSON")
     args = parser.parse_args(argv)
-    if args.docs_only:
-        path = Path(args.out or DEFAULT_OUT)
-        update_markdown_section("throughput", docs_section(json.loads(path.read_text())))
-        say(f"rewrote the throughput section of docs/benchmarks.md from {path}")
-        return
 
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -941,10 +890,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                 # after every method, so that a run stopped by a time limit keeps what it measured
                 write_results("throughput", figures, args.out, merge=True, merge_depth=2)
     figures["wall_seconds_last_run"] = time.time() - started
-    path = write_results("throughput", figures, args.out, merge=True, merge_depth=2)  # method entries replaced
+    write_results("throughput", figures, args.out, merge=True, merge_depth=2)  # method entries replaced
     if not (args.tiny or args.no_docs):
-        update_markdown_section("throughput", docs_section(json.loads(Path(path).read_text())))
-        say("updated docs/benchmarks.md (section throughput)")
+        report.write_all()
+        say("updated README.md and docs/ from benchmarks/results/")
     say(f"done in {time.time() - started:.0f} s")
 
 

@@ -1,10 +1,12 @@
-"""``lit-distill``: the LightningCLI entry point.
+"""``lit-distill``: the command line.
 
-``lit-distill fit --config configs/teacher_rl/brightness.yaml`` (any subcommand of LightningCLI),
-``lit-distill quickstart`` for the whole embedded pipeline and ``lit-distill embedded-base`` to make the
-embedded base model (``fit`` makes it too, before building a module that names ``embedded:base``).
-``--import MODULE`` (repeatable) imports a module of yours first, e.g. one whose ``@register_reward("my_reward")``
-classes a config then names.
+``lit-distill fit --config configs/teacher_rl/brightness.yaml`` (any subcommand of LightningCLI, run by
+:class:`~lit_distill.distill_cli.DistillCLI`), ``lit-distill quickstart`` for the whole embedded pipeline and
+``lit-distill embedded-base`` to make the embedded base model (``fit`` makes it too, before building a module
+that names ``embedded:base``). ``--import MODULE`` (repeatable) imports a module of yours first, e.g. one whose
+``@register_reward("my_reward")`` classes a config then names. This module imports nothing heavy, so
+``lit-distill --help`` and ``lit-distill quickstart --help`` answer at once; Lightning is imported when a
+subcommand runs.
 """
 from __future__ import annotations
 
@@ -14,78 +16,30 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
-from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningCLI
+SUBCOMMANDS = {
+    "fit": "train a method from a config: lit-distill fit --config configs/teacher_rl/brightness.yaml",
+    "validate": "run a module's validation loop (LightningCLI)",
+    "test": "run a module's test loop (LightningCLI)",
+    "predict": "run a module's predict loop (LightningCLI)",
+    "quickstart": "the whole embedded chain on a CPU: base model -> task teachers -> OPD student -> one-step "
+                  "generator",
+    "embedded-base": "train and cache the embedded base model (embedded:base) if it is not cached yet",
+}
+HELP = f"""usage: lit-distill [-h] [--import MODULE] {{{','.join(SUBCOMMANDS)}}} ...
 
-from .lightning_internals import ConfigIsTheRun
+Reward fine-tuning (TeacherRL), multi-teacher on-policy distillation (OPDStudent) and one-step generators
+(DisBackStudent, NoDistillOneStep) for diffusion models, on PyTorch Lightning.
 
+subcommands:
+{chr(10).join(f"  {name:<11} {text}" for name, text in SUBCOMMANDS.items())}
 
-class DistillCLI(ConfigIsTheRun, LightningCLI):
-    """LightningCLI with subclass mode for modules and data, so configs name ``class_path``es, and OmegaConf
-    interpolation inside each config file: a value written once under the top-level ``shared:`` mapping (or
-    anywhere else in the file) is referred to as ``${shared.NAME}``. Interpolations are resolved as the file is
-    read, so a command-line override changes the key it names, not the values copied from ``shared``.
+options:
+  --import MODULE  import a module (or a .py file) of yours first, e.g. one registering a reward; repeatable
 
-    The given config is the run (:class:`~lit_distill.lightning_internals.ConfigIsTheRun`): a ``--ckpt_path``
-    does not replace its settings by the checkpoint's; the methods compare them on resume and log each change or
-    refuse it (``DistillModule.on_load_checkpoint``)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("subclass_mode_model", True)
-        kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("auto_configure_optimizers", False)
-        interpolation = {"parser_mode": "omegaconf"}
-        kwargs.setdefault("parser_kwargs", {**interpolation, **{name: interpolation for name in self.subcommands()}})
-        super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
-
-    def instantiate_classes(self) -> None:
-        """Raise a class's own error (it names the field and the fix) instead of jsonargparse's "Does not validate
-        against any of the Union subtypes" wrapper, which buries it in a dump of every argument."""
-        try:
-            super().instantiate_classes()
-        except ValueError as e:
-            cause = e.__cause__
-            while isinstance(cause, ValueError) and "Union subtypes" in str(cause) and cause.__cause__ is not None:
-                cause = cause.__cause__
-            if "Union subtypes" not in str(e) or cause is None:
-                raise
-            raise cause from cause.__cause__
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--shared", type=Optional[dict], default=None,
-                            help="Values a config writes once and refers to as ${shared.NAME} (OmegaConf "
-                                 "interpolation), e.g. the task or the reward map shared by several sections.")
-
-    def before_instantiate_classes(self) -> None:
-        """Make the embedded base model first when the module's arguments name ``embedded:base``, and show
-        training progress in steps (``StepProgressBar``) unless the config names another progress bar."""
-        from .pipeline import ensure_embedded_bases
-
-        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        model = config.get("model")
-        init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
-        if init_args is not None:
-            ensure_embedded_bases(init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args))
-        if config.get("trainer") is not None:
-            add_step_progress_bar(config["trainer"])
-
-
-def add_step_progress_bar(trainer: Namespace) -> None:
-    """Append ``StepProgressBar`` to a parsed trainer config's callbacks, unless the bar is off or the config
-    names a progress bar of its own."""
-    if trainer.get("enable_progress_bar") is False:
-        return
-    callbacks = list(trainer.get("callbacks") or [])
-    for callback in callbacks:
-        path = callback.get("class_path", "") if isinstance(callback, Namespace) else ""
-        module, _, name = path.rpartition(".")
-        cls = getattr(importlib.import_module(module), name, None) if module else type(callback)
-        if isinstance(cls, type) and issubclass(cls, ProgressBar):
-            return
-    trainer["callbacks"] = callbacks + [Namespace(class_path="lit_distill.callbacks.StepProgressBar",
-                                                  init_args=Namespace())]
+`lit-distill SUBCOMMAND --help` shows a subcommand's options; `lit-distill fit --help` lists the methods, data
+modules and callbacks, `lit-distill fit --model.help TeacherRL` the arguments of one.
+Environment: LIT_DISTILL_CACHE (where the base model and classifier are cached, default ~/.cache/lit_distill),
+LIT_DISTILL_TINY=1 (every run at smoke-test size: checks that a command runs, its numbers mean nothing)."""
 
 
 def usage_error(message: str) -> None:
@@ -158,7 +112,12 @@ def check_config_files(argv: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "quickstart":
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP)
+        if not argv:
+            raise SystemExit(2)
+        return
+    if argv[0] == "quickstart":
         from .pipeline import quickstart_main
 
         quickstart_main(argv[1:])
@@ -170,9 +129,19 @@ def main(args: list[str] | None = None) -> None:
         return
     argv = import_user_modules(argv)
     check_config_files(argv)
+    from .distill_cli import DistillCLI
+
     if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = argv
     DistillCLI(args=None if args is None else argv)
+
+
+def __getattr__(name: str):  # `from lit_distill.cli import DistillCLI` without importing Lightning up front
+    if name == "DistillCLI":
+        from .distill_cli import DistillCLI
+
+        return DistillCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

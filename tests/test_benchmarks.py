@@ -1,9 +1,12 @@
 """The GPU benchmark scripts run end to end on the CPU in their ``--tiny`` mode (tiny models, fp32, gloo), so a
-broken script is found here rather than on a lent GPU machine."""
+broken script is found here rather than on a lent GPU machine: ``pytest -m slow tests/test_benchmarks.py`` before
+a GPU run (they take minutes on 2 cores, so the default suite leaves them out)."""
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -12,6 +15,7 @@ def run(script: str, *args: str) -> None:
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.slow
 def test_throughput_tiny_times_ours_and_the_naive_loop(tmp_path):
     out = tmp_path / "throughput.json"
     run("throughput.py", "--tiny", "--model", "unet", "--methods", "teacher_rl", "--out", str(out))
@@ -22,6 +26,7 @@ def test_throughput_tiny_times_ours_and_the_naive_loop(tmp_path):
     assert {"command", "device", "date", "commit"} <= set(record)
 
 
+@pytest.mark.slow
 def test_scaling_tiny_runs_ddp_on_one_and_two_processes(tmp_path):
     out = tmp_path / "scaling.json"
     run("scaling.py", "--tiny", "--gpus", "1", "2", "--methods", "teacher_rl", "--strategies", "ddp", "--out", str(out))

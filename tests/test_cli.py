@@ -1,5 +1,7 @@
-"""Configs are parsed and run by LightningCLI, as a user runs them."""
+"""Configs are parsed and run by LightningCLI, as a user runs them; the command line's help."""
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -122,7 +124,7 @@ def test_loading_embedded_base_never_trains_and_names_the_command_that_makes_it(
     from lit_distill.models import EmbeddedBaseMissing, embedded_base_dir, load_model
     from lit_distill.models.builders import build_embedded_model
 
-    with pytest.raises(EmbeddedBaseMissing, match="lit-distill embedded-base --resolution 8"):
+    with pytest.raises(EmbeddedBaseMissing, match="lit-distill embedded-base"):
         load_model("embedded:base", resolution=8, cache_dir=str(tmp_path))
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
     build_embedded_model(resolution=8, block_channels=(16, 32), text_hidden=32).save_pretrained(
@@ -154,3 +156,67 @@ def test_fit_makes_the_embedded_bases_a_config_names_before_building_the_module(
     monkeypatch.setattr(pipeline, "ensure_embedded_base", stop)
     with pytest.raises(MadeBase):
         main(["fit", "--config", str(ROOT / "configs/teacher_rl/brightness.yaml")])
+def run_python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_top_level_help_lists_quickstart_without_importing_torch():
+    result = run_python("import sys; from lit_distill.cli import main; main(['--help']); "
+                        "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
+    assert result.returncode == 0, result.stderr
+    assert "quickstart" in result.stdout and "fit" in result.stdout
+    assert result.stdout.strip().endswith("[]")  # nothing heavy imported: help answers at once
+
+
+def test_quickstart_help_shows_every_option_with_its_default_and_meaning():
+    result = run_python("import sys; from lit_distill.cli import main; main(['quickstart', '--help'])")
+    assert result.returncode == 0, result.stderr
+    for option in ("--teacher-steps", "--opd-steps", "--one-step-steps", "--pretrain-steps", "--out-dir"):
+        assert option in result.stdout
+    assert "(default: 30)" in result.stdout and "training steps of the OPD student" in result.stdout
+    from lit_distill.models.base_recipe import BaseRecipe
+
+    assert f"default: {BaseRecipe.max_steps}, the base recipe's" in " ".join(result.stdout.split())
+
+
+def test_import_lit_distill_is_light_and_exports_methods_lazily():
+    result = run_python("import sys, lit_distill; heavy = 'torch' in sys.modules; "
+                        "from lit_distill import TeacherRL, OPDStudent, DisBackStudent, NoDistillOneStep, "
+                        "DiffusionPretrain, PromptDataModule, ImageDataModule, RewardCallback, FIDCallback, "
+                        "ExportCallback; from lit_distill.methods import TeacherRL as T; print(heavy, TeacherRL is T)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
+
+
+def test_model_help_takes_a_short_class_name(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.help", "TeacherRL"])
+    assert exit_info.value.code == 0
+    assert "--model.sampling.rollouts_per_prompt" in capsys.readouterr().out
+
+
+def test_fit_help_lists_the_methods_and_data_modules(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("TeacherRL", "OPDStudent", "DisBackStudent", "NoDistillOneStep", "DiffusionPretrain",
+                 "PromptDataModule", "ImageDataModule"):
+        assert f"lit_distill.{name}" in text, name
+
+
+def test_smoke_test_size_caps_steps_and_evaluations_only():
+    from jsonargparse import Namespace
+
+    from lit_distill.distill_cli import SMOKE_TEST, shrink_to_smoke_test
+
+    config = Namespace(trainer=Namespace(max_steps=400, val_check_interval=500, callbacks=[
+        Namespace(class_path="lit_distill.callbacks.RewardCallback",
+                  init_args=Namespace(num_prompts=None, samples_per_prompt=2, every_n_steps=100)),
+        Namespace(class_path="lit_distill.callbacks.FIDCallback", init_args=Namespace(num_samples=1000))]))
+    shrink_to_smoke_test(config)
+    assert config.trainer.max_steps == SMOKE_TEST["max_steps"] and config.trainer.val_check_interval == 500
+    reward, fid = (c.init_args for c in config.trainer.callbacks)
+    assert reward.num_prompts == SMOKE_TEST["num_prompts"] and reward.samples_per_prompt == 1
+    assert reward.every_n_steps == 100 and fid.num_samples == SMOKE_TEST["num_samples"]

@@ -375,7 +375,7 @@ def test_prompt_datamodule_filters_and_splits(tmp_path):
     rep = PromptDataModule(str(txt), val=str(txt), default_task="caption", repeat=4, batch_size=4, shuffle=False)
     rep.setup()
     assert len(rep.train_dataset) == 12 and len(rep.val_dataset) == 3
-    assert next(iter(rep.val_dataloader()))["prompt"] == ["one", "two", "three"]
+    assert next(iter(rep.held_out_dataloader()))["prompt"] == ["one", "two", "three"]
 
 
 def test_embedded_prompt_sets_match_templates():
@@ -445,3 +445,15 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path
     monkeypatch.delenv("LIT_DISTILL_CACHE")
     assert default_cache_dir().parts[-2:] == (".cache", "lit_distill")
+
+
+def test_make_grid_png_labels_each_row_and_enlarges_cells(tmp_path):
+    images = torch.zeros(4, 1, 8, 8)
+    plain = make_grid_png(images, tmp_path / "plain.png", nrow=2, scale=3)
+    labelled = make_grid_png(images, tmp_path / "labelled.png", nrow=2, scale=3, row_labels=["seven", "one"])
+    with Image.open(plain) as a, Image.open(labelled) as b:
+        assert a.size == (2 * 26 + 2, 2 * 26 + 2)
+        assert b.size[1] == a.size[1] and b.size[0] > a.size[0]
+        assert np.asarray(b)[:, : b.size[0] - a.size[0]].max() == 255  # the labels are drawn
+    with pytest.raises(ValueError, match="one label per grid row"):
+        make_grid_png(images, tmp_path / "bad.png", nrow=2, row_labels=["only one"])

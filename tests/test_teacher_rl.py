@@ -184,3 +184,30 @@ def test_non_finite_losses_stop_with_the_step_and_tensor_named_or_are_skipped_an
     assert module.nonfinite_skipped == 1
     with pytest.raises(ValueError, match="nan_policy='ignore'"):
         tiny_rl(runtime={"nan_policy": "ignore"})
+
+
+def test_reward_callback_spreads_prompts_over_tasks_and_labels_its_grid(tmp_path):
+    from PIL import Image
+
+    from lit_distill.callbacks import RewardCallback
+    from lit_distill.callbacks.reward import spread_over_tasks
+
+    rows = [{"prompt": f"a handwritten {w}", "task": t} for t in ("bright", "dark") for w in ("one", "two", "three")]
+    assert spread_over_tasks(rows, 3) == [0, 1, 3] and spread_over_tasks(rows[:3], 2) == [0, 1]
+    reward = {"name": "per_task", "rewards": {"bright": {"name": "brightness", "target": 1.0},
+                                              "dark": {"name": "brightness", "target": 0.0}}}
+    callback = RewardCallback(rows, reward=reward, num_prompts=2, samples_per_prompt=2, every_n_steps=0,
+                              output_dir=str(tmp_path), save_best=False, eval_at_start=False)
+    assert [row["task"] for row in callback.rows] == ["bright", "bright", "dark", "dark"]
+    module = tiny_rl()
+    scored = callback.score(module, grid=tmp_path / "base.png")  # no trainer needed
+    assert set(scored) == {"bright", "dark", "reward"}
+    loader = torch.utils.data.DataLoader([0, 1], batch_size=2, collate_fn=lambda _: prompt_batch())
+    L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[callback]).fit(module, loader)
+    assert [h["step"] for h in callback.history] == [callback.history[-1]["step"]]  # no evaluation at start
+    grids = sorted(tmp_path.glob("step_*.png"))
+    assert [g.name for g in grids] == [f"step_{callback.history[-1]['step']:06d}.png"]
+    with Image.open(grids[0]) as grid:  # a row per prompt (2 samples each), a label left of it
+        cell = module.model.sample_shape[-1] * 3 + 2
+        assert grid.size[1] == 2 * cell + 2 and grid.size[0] > 2 * cell + 2

@@ -235,6 +235,10 @@ class PromptDataModule(L.LightningDataModule):
         shuffle: shuffle training prompts each epoch (seeded by ``seed``).
         repeat: repeat the training rows this many times per epoch.
     After ``setup()``: ``train_rows``, ``val_rows``, ``train_dataset``, ``val_dataset`` and ``tasks_present``.
+
+    The held-out rows are for evaluation callbacks (``RewardCallback(prompts=dm.val_rows)``); the module has no
+    ``val_dataloader``, because no method has a ``validation_step`` for Lightning's validation loop to run
+    (``held_out_dataloader`` batches them for code of your own).
     """
 
     def __init__(
@@ -313,8 +317,8 @@ class PromptDataModule(L.LightningDataModule):
         return ResumableDataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed,
                                    num_workers=self.num_workers, collate_fn=collate_prompts)
 
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation prompts in file order, or ``[]`` when there are none."""
+    def held_out_dataloader(self) -> DataLoader | list:
+        """The held-out prompts in file order, or ``[]`` when there are none."""
         self.setup()
         if not len(self.val_dataset):
             return []

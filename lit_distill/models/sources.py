@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..utils import default_cache_dir
+from .base_recipe import default_base_recipe
 from .builders import build_embedded_model
 from .diffusion_model import DiffusionModel
 
@@ -24,9 +24,14 @@ class EmbeddedBaseMissing(FileNotFoundError):
     """``"embedded:base"`` names a base model that is not in the cache yet; the message says how to make it."""
 
 
-def embedded_base_dir(resolution: int = 16, family: str = "flow", cache_dir: Optional[str] = None) -> Path:
-    """The cache directory of the embedded base model of this resolution and schedule family."""
-    return Path(cache_dir or default_cache_dir()).expanduser() / f"base_mnist_r{resolution}_{family}"
+def embedded_base_dir(resolution: Optional[int] = None, family: Optional[str] = None,
+                      cache_dir: Optional[str] = None, **changes) -> Path:
+    """The cache directory of the embedded base model: that of the default base recipe
+    (:class:`~lit_distill.models.base_recipe.BaseRecipe`), with the given fields changed (``resolution``,
+    ``family``, ``max_steps``, ...; a field that does not exist raises a ``TypeError`` naming it)."""
+    changes = {**{k: v for k, v in dict(resolution=resolution, family=family).items() if v is not None}, **changes}
+    recipe = default_base_recipe()
+    return (recipe.replace(**changes) if changes else recipe).directory(cache_dir)
 
 
 def load_model(source: "str | DiffusionModel" = "embedded", **kwargs) -> DiffusionModel:

@@ -1,13 +1,22 @@
-"""Small helpers shared by every part of lit_distill: image conversions, the cache directory, eval mode."""
+"""Small helpers shared by every part of lit_distill: image conversions (loaded on first use), the cache
+directory, eval mode, the smoke-test size."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from lit_distill.utils.images import check_images, from_unit, make_grid_png, to_uint8, to_unit
-from lit_distill.utils.modules import eval_mode
+from lit_distill._lazy import lazy_exports
 
-__all__ = ["check_images", "default_cache_dir", "eval_mode", "from_unit", "make_grid_png", "to_uint8", "to_unit"]
+_EXPORTS = {**dict.fromkeys(["check_images", "from_unit", "ink_moments", "make_grid_png", "slant", "to_uint8",
+                             "to_unit"], ".images"),
+            "eval_mode": ".modules"}
+__all__ = sorted(["TINY_ENV", "default_cache_dir", "tiny_run", *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+#: ``LIT_DISTILL_TINY=1`` runs every command at smoke-test size: the tiny embedded base recipe, a few steps per
+#: stage, small evaluations (``lit_distill.cli``, ``lit_distill.pipeline``). It checks that commands run; its
+#: numbers mean nothing.
+TINY_ENV = "LIT_DISTILL_TINY"
 
 
 def default_cache_dir() -> Path:
@@ -17,3 +26,8 @@ def default_cache_dir() -> Path:
     """
     env = os.environ.get("LIT_DISTILL_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lit_distill"
+
+
+def tiny_run() -> bool:
+    """True when ``$LIT_DISTILL_TINY`` asks for smoke-test sizes (any value but empty, 0, false, no)."""
+    return os.environ.get(TINY_ENV, "").strip().lower() not in ("", "0", "false", "no")

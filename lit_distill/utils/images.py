@@ -57,31 +57,58 @@ def slant(images: torch.Tensor) -> torch.Tensor:
     return -mu11 / mu02.clamp(min=0.5)
 
 
-def make_grid_png(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, padding: int = 2) -> Path:
+def make_grid_png(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, padding: int = 2,
+                  row_labels: Sequence[str] | None = None, scale: int = 1) -> Path:
     """Write images ``[B, C, H, W]`` in ``[-1, 1]`` (C = 1 or 3) as one PNG grid of ``nrow`` columns.
 
-    Cells are separated by ``padding`` black pixels. Parent directories are created. Returns the path.
+    Cells are separated by ``padding`` black pixels and enlarged ``scale`` times (nearest neighbour, for tiny
+    images). ``row_labels`` (one string per grid row) are written left of their rows. Parent directories are
+    created. Returns the path.
     """
     from PIL import Image
 
     check_images(images, name="images")
     if images.shape[1] not in (1, 3):
         raise ValueError(f"images: make_grid_png needs 1 or 3 channels, got {images.shape[1]}")
-    if nrow < 1:
-        raise ValueError(f"nrow: must be >= 1, got {nrow}")
+    if nrow < 1 or scale < 1:
+        raise ValueError(f"nrow and scale: must be >= 1, got {nrow} and {scale}")
     arr = to_uint8(images)  # [B, H, W, C]
+    if scale > 1:
+        arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
     b, h, w, c = arr.shape
     ncol = min(nrow, b)
     nrows = (b + ncol - 1) // ncol
+    if row_labels is not None and len(row_labels) != nrows:
+        raise ValueError(f"row_labels: expected one label per grid row ({nrows}), got {len(row_labels)}")
     grid = np.zeros((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), dtype=np.uint8)
     for i in range(b):
         r, q = divmod(i, ncol)
         y, x = padding + r * (h + padding), padding + q * (w + padding)
         grid[y : y + h, x : x + w] = arr[i]
+    image = Image.fromarray(grid[..., 0] if c == 1 else grid, mode="L" if c == 1 else "RGB")
+    if row_labels is not None:
+        image = _with_row_labels(image, list(row_labels), h, padding)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid, mode="L" if c == 1 else "RGB").save(path)
+    image.save(path)
     return path
+
+
+def _with_row_labels(grid, labels: list[str], cell: int, padding: int):
+    """``grid`` (a PIL image) with a black margin on the left holding ``labels[r]`` beside row ``r``."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size = max(8, min(14, cell - 2))
+    font = ImageFont.load_default(size=size)
+    margin = int(max(font.getlength(label) for label in labels)) + 2 * padding + 4
+    out = Image.new(grid.mode, (grid.width + margin, grid.height))
+    out.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    white = 255 if grid.mode == "L" else (255, 255, 255)
+    for r, label in enumerate(labels):
+        y = padding + r * (cell + padding) + (cell - size) // 2
+        draw.text((padding + 2, y), label, fill=white, font=font)
+    return out
 
 
 def check_images(
