@@ -8,11 +8,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lit_distill"
 
 #: layer of each top-level part of lit_distill; a part may import its own modules and parts of lower layers.
 LAYERS = {
-    "protocols": 0, "lightning_internals": 0,
+    "protocols": 0, "lightning_internals": 0, "_lazy": 0, "quiet": 0,
     "utils": 1, "diffusion": 1, "losses": 1, "models": 1, "data": 1, "rewards": 1, "metrics": 1,
     "methods": 2, "callbacks": 2, "distributed": 2,
-    "pipeline": 3,
-    "cli": 4,
+    "pipeline": 3, "run_report": 3,
+    "distill_cli": 4,
+    "cli": 5,
 }
 #: layers whose parts may import each other (the lower layer is one toolbox; leaves and the methods / callbacks /
 #: strategies meet only through the protocols)

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lit_distill"
 #: private Lightning names, and writes into Lightning's state, that only lightning_internals.py may use
 PRIVATE = re.compile(r"\._trainer\b|\._ddp_kwargs\b|\._setup_model\b|\._(data|tensor)_parallel_size\b|"
                      r"_optimizers_to_device|precision_plugin\.scaler|\"scaler\"|callback_metrics\[|"
-                     r"\.fit_loop\b|\._lightning_optimizers\b|_parse_ckpt_path|_should_skip_saving_checkpoint|"
+                     r"(?<!\\)\.fit_loop\b|\._lightning_optimizers\b|_parse_ckpt_path|_should_skip_saving_checkpoint|"
                      r"_save_last_checkpoint|_monitor_candidates")
 
 
