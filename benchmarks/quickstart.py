@@ -39,7 +39,9 @@ def main(argv=None):
     quiet_third_party()  # as lit-distill quickstart does
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as work:  # an empty cache: the base model and classifier are trained
-        summary = quickstart(QuickstartConfig(out_dir=f"{work}/out", cache_dir=f"{work}/cache"))
+        # the outputs go where `lit-distill quickstart` puts them (python3 ../shared/tools/claims.py quickstart reads
+        # outputs/quickstart/summary.json)
+        summary = quickstart(QuickstartConfig(cache_dir=f"{work}/cache"))
     figures = {"seconds": summary["seconds"], "rewards": summary["rewards"], "one_step": summary["one_step"]["fid_classifier"],
                "config": {k: v for k, v in summary["config"].items() if k not in ("out_dir", "cache_dir")},
                "base_recipe": summary["base_recipe"], "cpu_seconds": round(cpu_seconds(), 1),
