@@ -260,16 +260,21 @@ def test_ddp_strategy_finds_unused_parameters_only_for_one_step_methods():
 
 
 def test_cuda_only_options_on_cpu():
-    """compile=True on CPU stops with a message. (bf16-mixed autocast is allowed by Lightning on CPU and runs
-    TeacherRL, slowly: checked by hand, not here.)"""
+    """An explicit compiled mode (True reads as "full") or CUDA graphs on CPU stop with a message; "auto" compiles
+    nothing there. (bf16-mixed autocast is allowed by Lightning on CPU and runs TeacherRL, slowly: checked by hand,
+    not here.)"""
     module = TeacherRL(model="embedded", model_kwargs=TINY, reward="brightness",
                        sampling={"num_steps": 2, "rollouts_per_prompt": 2}, runtime={"compile": True})
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     loader = torch.utils.data.DataLoader([{"prompt": PROMPT, "task": "brightness"}], batch_size=1,
                                          collate_fn=lambda rows: {"prompt": [PROMPT], "task": ["brightness"]})
-    with pytest.raises(ValueError, match="compile=True needs a CUDA device"):
+    with pytest.raises(ValueError, match="compile='full' needs a CUDA device"):
         trainer.fit(module, loader)
+    graphs = TeacherRL(model="embedded", model_kwargs=TINY, reward="brightness",
+                       sampling={"num_steps": 2, "rollouts_per_prompt": 2}, runtime={"rollout_cuda_graphs": True})
+    with pytest.raises(ValueError, match="rollout_cuda_graphs=True needs a CUDA device"):
+        trainer.fit(graphs, loader)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -90,6 +90,20 @@ def test_routing_sends_each_row_to_its_own_teacher(teacher_dirs):
         mask = torch.tensor([b["task"][r] == name for r in rows.tolist()])
         torch.testing.assert_close(routed[mask], own[mask])
         assert not torch.allclose(routed[~mask], own[~mask])  # the teachers really differ
+    # the training step computes every target before its updates, each teacher in calls of up to a rollout batch
+    batched = module.teacher_means(traj, rows, steps, b["prompt"], b["task"], batch_size=4)
+    torch.testing.assert_close(batched, routed, atol=1e-6, rtol=1e-5)
+
+
+def test_sde_window_limits_the_trained_pairs_to_its_steps(teacher_dirs):
+    module = student(teacher_dirs, sampling={"num_steps": 6, "sde_window": {"size": 2, "mode": "sliding"}},
+                     updates={"timestep_fraction": 1.0})
+    b = batch()
+    cond, uncond = module.encode(b["prompt"])
+    traj = module.sample_trajectories(module.model, cond, uncond, 3, torch.Generator().manual_seed(0))
+    assert [float(s) > 0 for s in traj.stds] == [True, True, False, False, False, False]
+    rows, steps = module.training_pairs(traj, None, torch.Generator().manual_seed(1), stochastic_only=False)
+    assert sorted(steps.tolist()) == [0, 0, 0, 1, 1, 1]
 
 
 @pytest.mark.parametrize("sde_steps", [None, []], ids=["sde", "ode"])

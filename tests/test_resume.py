@@ -191,7 +191,7 @@ def test_checkpoint_with_the_flat_settings_of_older_versions_is_migrated(tmp_pat
     setting that no longer exists is refused by name."""
     module = TeacherRL("embedded", "brightness", TINY, sampling={"num_steps": 4, "rollouts_per_prompt": 4, "eval_steps": 4},
                        updates={"minibatch_size": 16, "reduction": "mean"}, policy={"kl_weight": 0.1},
-                       optim={"lr": 1e-3})
+                       optim={"lr": 1e-3}, runtime={"compile": "off"})  # what the flat compile=False reads as
     fit(module, prompt_loader(), 1, save_to=tmp_path / "new.ckpt")
     checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=False)
     del checkpoint["lit_distill_layout"]

@@ -211,3 +211,71 @@ def test_reward_callback_spreads_prompts_over_tasks_and_labels_its_grid(tmp_path
     with Image.open(grids[0]) as grid:  # a row per prompt (2 samples each), a label left of it
         cell = module.model.sample_shape[-1] * 3 + 2
         assert grid.size[1] == 2 * cell + 2 and grid.size[0] > 2 * cell + 2
+
+
+def test_sde_window_makes_only_its_steps_stochastic_and_trained():
+    """Flow-GRPO-Fast's window: in each training step the rollout is stochastic exactly on the window's steps (ODE
+    elsewhere), only those steps enter the loss, and the position is a function of (seed, step)."""
+    torch.manual_seed(0)
+    module = tiny_rl(sampling={"num_steps": 6, "sde_window": {"size": 2}})
+    seen_windows = set()
+    calls = []
+    original_kernel = module.kernel
+
+    def recording_kernel(model, traj, rows, steps, *args, **kwargs):
+        if torch.is_grad_enabled():
+            calls.append((module.global_step, set(steps.tolist())))
+        return original_kernel(model, traj, rows, steps, *args, **kwargs)
+
+    module.kernel = recording_kernel
+    original_rollout = module.sample_trajectories
+    rollouts = []
+
+    def recording_rollout(*args, **kwargs):
+        traj = original_rollout(*args, **kwargs)
+        rollouts.append((module.global_step, traj))
+        return traj
+
+    module.sample_trajectories = recording_rollout
+    loader = torch.utils.data.DataLoader(list(range(6)), batch_size=2, collate_fn=lambda _: prompt_batch())
+    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    before = [p.detach().clone() for p in module.model.net.parameters()]
+    trainer.fit(module, loader)
+    assert len(rollouts) == 6
+    for step, traj in rollouts:
+        window = module.window_steps(step)
+        seen_windows.add(window.start)
+        assert len(window) == 2 and 0 <= window.start and window.stop <= 6
+        stochastic = [i for i in range(6) if float(traj.stds[i]) > 0]
+        assert stochastic == list(window)  # noisy exactly on the window
+        outside = traj.log_probs[:, [i for i in range(6) if i not in window]]
+        assert torch.equal(outside, torch.zeros_like(outside)) and bool((traj.log_probs[:, list(window)] != 0).all())
+        trained = set().union(*(s for k, s in calls if k == step))
+        assert trained == set(window)  # every window step trains, no other
+    assert len(seen_windows) > 1  # the window moves between rollout batches
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.model.net.parameters()))
+    # resumable and rank-independent: a function of (seed, step) alone
+    again = tiny_rl(sampling={"num_steps": 6, "sde_window": {"size": 2}})
+    assert [again.window_steps(k) for k in range(6)] == [module.window_steps(k) for k in range(6)]
+    other_seed = tiny_rl(sampling={"num_steps": 6, "sde_window": {"size": 2}}, runtime={"seed": 1})
+    assert [other_seed.window_steps(k) for k in range(20)] != [module.window_steps(k) for k in range(20)]
+
+
+def test_sliding_sde_window_moves_as_mixgrpo_and_rolls_back():
+    module = tiny_rl(sampling={"num_steps": 6, "sde_window": {"size": 2, "mode": "sliding", "shift_every": 2,
+                                                               "range": [1, 6]}})
+    starts = [module.window_steps(k).start for k in range(10)]
+    assert starts == [1, 1, 2, 2, 3, 3, 4, 4, 1, 1]  # windows [1,2] .. [4,5], then back to the start
+    assert module.rollout_levels() == [0.0, 0.7, 0.7, 0.0, 0.0, 0.0]  # step 0: the window [1, 2]
+
+
+def test_sde_window_settings_are_checked():
+    with pytest.raises(ValueError, match="either sde_steps"):
+        tiny_rl(sampling={"sde_steps": [0, 1], "sde_window": {"size": 2}})
+    with pytest.raises(ValueError, match="must lie within the trained steps"):
+        tiny_rl(sampling={"num_steps": 4, "sde_window": {"size": 2, "range": [0, 4]}}, updates={"timestep_fraction": 0.5})
+    with pytest.raises(ValueError, match="must hold size=3"):
+        tiny_rl(sampling={"sde_window": {"size": 3, "range": [0, 2]}})
+    with pytest.raises(ValueError, match="choose one of"):
+        tiny_rl(sampling={"sde_window": {"mode": "spiral"}})

@@ -6,6 +6,7 @@ to the host, so it is safe under CUDA graphs / ``torch.compile`` of the denoiser
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -47,6 +48,25 @@ def noise_levels(num_steps: int, noise_level: float, sde_steps: Sequence[int] | 
     if bad:
         raise ValueError(f"sde_steps {bad} outside 0..{num_steps - 1}")
     return [float(noise_level) if i in chosen else 0.0 for i in range(num_steps)]
+
+
+def window_start(size: int, first: int, end: int, mode: str, step: int, seed: int, shift_every: int = 1,
+                 stride: int = 1) -> int:
+    """First step of a window of ``size`` consecutive steps within ``first .. end - 1`` at training step ``step``.
+
+    ``mode="random"``: uniform over the ``end - first - size + 1`` positions, drawn from a generator seeded by
+    ``(seed, step)`` alone (every rank and a resumed run draw the same; Flow-GRPO-Fast's random window).
+    ``mode="sliding"``: ``first`` at step 0, ``stride`` later every ``shift_every`` steps, back to ``first`` once
+    the window would end past ``end`` (MixGRPO's progressive window with roll-back).
+    """
+    positions = end - first - size + 1
+    if positions < 1:
+        raise ValueError(f"a window of {size} steps does not fit in steps {first}..{end - 1}")
+    if mode == "random":
+        return first + random.Random(f"sde_window/{seed}/{step}").randrange(positions)
+    if mode == "sliding":
+        return first + stride * ((step // shift_every) % ((positions - 1) // stride + 1))
+    raise ValueError(f"window mode {mode!r}: choose 'random' or 'sliding'")
 
 
 @dataclass

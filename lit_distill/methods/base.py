@@ -15,6 +15,9 @@ from torch import Tensor, nn
 
 from ..lightning_internals import (
     attached_trainer, count_checkpoint_steps_per_batch, count_one_step_per_batch, grad_scaler)
+from ..models.compilation import compile_network, is_compiled, use_compile_cache
+from ..models.diffusion_model import DiffusionModel
+from ..models.norms import set_norm_precision
 from ..utils.resume import align_batch_count, changed_settings, log_changes, refuse_changes, run_settings
 from .settings import Optim, Runtime, flat_settings, migrate_hyperparameters, plain
 
@@ -32,7 +35,8 @@ class DistillModule(L.LightningModule):
 
     Args:
         optim: :class:`~lit_distill.methods.settings.Optim` (AdamW, gradient clipping).
-        runtime: :class:`~lit_distill.methods.settings.Runtime` (seed, nan_policy, compile, gradient_checkpointing).
+        runtime: :class:`~lit_distill.methods.settings.Runtime` (seed, nan_policy, compilation, norm precision,
+            gradient_checkpointing).
         eval_prompts: prompts cycled by ``generate_eval_samples`` when the caller gives none (None: the empty
             prompt).
     Subclasses call :meth:`save_settings` in their ``__init__`` (hyper-parameters with the groups as dicts).
@@ -134,15 +138,47 @@ class DistillModule(L.LightningModule):
             net.enable_gradient_checkpointing()
         return net
 
-    def maybe_compile(self, net: nn.Module) -> None:
-        """Compile ``net``'s forward in place (``nn.Module.compile``: parameters and state-dict keys are
-        unchanged) when ``compile=True``; refuses CPU runs with a message saying what to do."""
-        if not self.runtime.compile:
-            return
-        if self.device.type != "cuda":
-            raise ValueError("runtime.compile=True needs a CUDA device; this run is on "
-                             f"{self.device.type}. Set --model.runtime.compile false for CPU runs.")
-        net.compile()
+    def compute_device(self) -> torch.device:
+        """The device training runs on: the strategy's root device once a trainer is attached (``setup`` runs
+        before Lightning moves the module there), else the module's own."""
+        trainer = attached_trainer(self)
+        return trainer.strategy.root_device if trainer is not None else self.device
+
+    def compile_mode(self) -> str:
+        """``runtime.compile`` resolved for this run: ``"auto"`` is ``"regional"`` on CUDA, ``"off"`` elsewhere."""
+        mode = self.runtime.compile
+        if mode == "auto":
+            return "regional" if self.compute_device().type == "cuda" else "off"
+        return mode
+
+    def denoisers(self) -> list[DiffusionModel]:
+        """Every ``DiffusionModel`` this module runs (trained and frozen); methods that keep models outside their
+        submodules (OPD's teachers) add them."""
+        return [m for m in self.modules() if isinstance(m, DiffusionModel)]
+
+    def setup(self, stage: str) -> None:
+        self.apply_runtime()
+
+    def apply_runtime(self) -> None:
+        """Apply ``runtime``'s execution settings to every network of :meth:`denoisers` (called from ``setup``, before
+        Lightning moves the module to its device): the norm precision, and compilation in place (see
+        ``lit_distill.models.compilation``; frozen networks too: OPD's teachers, TeacherRL's reference, DisBack's
+        scores). A compiled mode or CUDA graphs on a run that is not on CUDA are a ValueError saying what to set."""
+        for model in self.denoisers():
+            set_norm_precision(model.net, self.runtime.norm_precision)
+        mode, device = self.compile_mode(), self.compute_device()
+        if device.type != "cuda":
+            for name, on in (("compile", mode != "off"), ("rollout_cuda_graphs", self.runtime.rollout_cuda_graphs)):
+                if on:
+                    raise ValueError(f"runtime.{name}={getattr(self.runtime, name)!r} needs a CUDA device; this run "
+                                     f"is on {device.type}. Set --model.runtime.{name} "
+                                     f"{'auto' if name == 'compile' else 'false'} for CPU runs.")
+        if mode != "off" or self.runtime.rollout_cuda_graphs:
+            use_compile_cache(self.runtime.compile_cache)
+        if mode != "off":
+            for model in self.denoisers():
+                if not is_compiled(model.net):
+                    compile_network(model.net, mode)
 
     def check_finite(self, name: str, value: Tensor) -> bool:
         """True if ``value`` is finite. Otherwise raise (``nan_policy='raise'``) naming the step and the

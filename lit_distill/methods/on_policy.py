@@ -9,13 +9,14 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ..diffusion import Trajectory, guided_prediction, noise_levels, rollout, sample
+from ..diffusion import Trajectory, guided_prediction, noise_levels, rollout, sample, window_start
 from ..diffusion.schedules import SamplingGrid
+from ..models.compilation import cuda_graph_denoiser, drop_compiled, new_graph_step
 from ..models.diffusion_model import DiffusionModel
 from ..models.lora import add_lora, merge_lora, save_lora
 from ..utils import eval_mode
@@ -76,12 +77,17 @@ class OnPolicyModule(DistillModule):
         self.step_stds = [float(self.model.schedule.kernel_std(grid.at(i), level)) for i, level in enumerate(self.levels)]
         self.step_lengths = (grid.sigma_t - grid.sigma_s).tolist()  # how far each step moves the noise level
         self.train_steps = int(sampling.num_steps * updates.timestep_fraction)  # steps 0 .. train_steps - 1 train
+        window = sampling.sde_window
+        self.window_span = None if window is None else (window.range or (0, self.train_steps))
+        if self.window_span is not None and (self.window_span[1] > self.train_steps
+                                             or window.size > self.window_span[1] - self.window_span[0]):
+            raise ValueError(f"sampling.sde_window={window}: the window of {window.size} steps must lie within the "
+                             f"trained steps 0..{self.train_steps - 1} (num_steps * updates.timestep_fraction); "
+                             "shorten it or change its range")
         # log-densities and KLs of a step: summed over the D elements of a sample, or per element
         self.reduction_scale = 1.0 if updates.reduction == "sum" else 1.0 / torch.Size(self.model.sample_shape).numel()
         self._grids: dict[tuple, SamplingGrid] = {}
-
-    def setup(self, stage: str) -> None:
-        self.maybe_compile(self.model.net)
+        self._graphed_rollout: dict[str, Callable] = {}  # CUDA-graph denoiser (a plain dict: not a submodule)
 
     # -- pieces ---------------------------------------------------------------------------------
     def grid(self, num_steps: Optional[int] = None) -> SamplingGrid:
@@ -97,15 +103,65 @@ class OnPolicyModule(DistillModule):
         uncond = self.model.null_cond(len(prompts)) if self.sampling.guidance_scale != 1.0 else None
         return cond, uncond
 
+    def window_steps(self, step: Optional[int] = None) -> Optional[range]:
+        """The steps of ``sampling.sde_window`` at training step ``step`` (default: the current one); None without
+        a window. A function of (``runtime.seed``, step) alone: the same on every rank and after a resume."""
+        window = self.sampling.sde_window
+        if window is None:
+            return None
+        step = self.global_step if step is None else step
+        first = window_start(window.size, *self.window_span, window.mode, step, self.seed, window.shift_every,
+                             window.stride)
+        return range(first, first + window.size)
+
+    def rollout_levels(self) -> list[float]:
+        """Per-step noise levels of this training step's rollouts: ``sampling.noise_level`` on the stochastic steps
+        (``sampling.sde_steps``, the window's steps, or all), 0 (ODE) elsewhere."""
+        window = self.window_steps()
+        if window is None:
+            return self.levels
+        return noise_levels(self.sampling.num_steps, self.sampling.noise_level, window)
+
+    def trained_steps(self, stochastic_only: bool = True) -> Tensor:
+        """The steps whose (sample, step) pairs may enter this training step's loss: the first ``train_steps``, within
+        the window when there is one, and with a density (std > 0) when ``stochastic_only``. A CPU LongTensor."""
+        window = self.window_steps()
+        allowed = torch.zeros(len(self.levels), dtype=torch.bool)
+        allowed[:self.train_steps] = True
+        if window is not None:
+            inside = torch.zeros_like(allowed)
+            inside[window.start:window.stop] = True
+            allowed &= inside
+        if stochastic_only:
+            levels = self.rollout_levels()
+            allowed &= torch.tensor([std > 0 and level > 0 for std, level in zip(self.step_stds, levels)])
+        return torch.nonzero(allowed).flatten()
+
+    def rollout_denoiser(self, model: DiffusionModel) -> Callable:
+        """What the rollout calls: ``model``, or with ``runtime.rollout_cuda_graphs`` its CUDA-graph compilation
+        (made on first use; it shares the model's parameters)."""
+        if not self.runtime.rollout_cuda_graphs or model is not self.model:
+            return model
+        if "model" not in self._graphed_rollout:
+            graphed = cuda_graph_denoiser(model)
+
+            def denoiser(x_t: Tensor, timestep: Tensor, cond: Optional[dict]) -> Tensor:
+                new_graph_step()  # the previous step's prediction has been used: its buffer may be reused
+                return graphed(x_t, timestep, cond)
+
+            self._graphed_rollout["model"] = denoiser
+        return self._graphed_rollout["model"]
+
     @torch.no_grad()
     def sample_trajectories(self, model: DiffusionModel, cond, uncond, batch_size: int,
                             generator: torch.Generator) -> Trajectory:
-        """SDE rollouts of ``model`` in eval mode under ``torch.no_grad``."""
+        """SDE rollouts of ``model`` in eval mode under ``torch.no_grad``, with this step's
+        :meth:`rollout_levels`."""
         noise = torch.randn((batch_size,) + model.sample_shape, generator=generator, device=self.device)
         with eval_mode(model):
-            return rollout(model, noise, cond, model.schedule, self.grid(), noise_level=self.levels,
-                           generator=generator, guidance_scale=self.sampling.guidance_scale, uncond=uncond,
-                           store_means=False)
+            return rollout(self.rollout_denoiser(model), noise, cond, model.schedule, self.grid(),
+                           noise_level=self.rollout_levels(), generator=generator,
+                           guidance_scale=self.sampling.guidance_scale, uncond=uncond, store_means=False)
 
     def kernel(self, model: DiffusionModel, traj: Trajectory, rows: Tensor, steps: Tensor,
                cond: Optional[dict], uncond: Optional[dict],
@@ -126,12 +182,10 @@ class OnPolicyModule(DistillModule):
     def training_pairs(self, traj: Trajectory, steps_per_sample: Optional[int], generator: torch.Generator,
                        stochastic_only: bool = True):
         """``(rows, steps)`` LongTensors ``[M]``: for each sample, ``steps_per_sample`` steps drawn
-        without replacement (all of them if None) among the stochastic steps (or all steps) of the first
-        ``train_steps``, in random order (Flow-GRPO's denoising reduction). ``generator`` and the results are on
-        the CPU, so that routing and chunking never read device memory back."""
-        candidates = torch.tensor(self.step_stds) > 0 if stochastic_only else torch.ones(len(self.levels), dtype=torch.bool)
-        candidates[self.train_steps:] = False
-        stochastic = torch.nonzero(candidates).flatten()
+        without replacement (all of them if None) among the :meth:`trained_steps` (stochastic ones, or all), in
+        random order (Flow-GRPO's denoising reduction). ``generator`` and the results are on the CPU, so that
+        routing and chunking never read device memory back."""
+        stochastic = self.trained_steps(stochastic_only)
         k = len(stochastic) if steps_per_sample is None else min(steps_per_sample, len(stochastic))
         batch = traj.latents.shape[0]
         scores = torch.rand(batch, len(stochastic), generator=generator)
@@ -164,7 +218,7 @@ class OnPolicyModule(DistillModule):
         """The trained model as exported: ``self.model``, or a copy with the LoRA adapters merged."""
         if self.lora_rank > 0:
             merged = copy.deepcopy(self.model)
-            merged.net = merge_lora(merged.net)
+            merged.net = merge_lora(drop_compiled(merged.net))
             yield merged
         else:
             yield self.model

@@ -98,9 +98,6 @@ class OneStepModule(DistillModule):
     def schedule(self):
         return self.generator.schedule
 
-    def setup(self, stage: str) -> None:
-        self.maybe_compile(self.model.net)
-
     # -- pieces of a training step ---------------------------------------------------------------------
     @staticmethod
     def prompts_of(batch: dict) -> list[str]:

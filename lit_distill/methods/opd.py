@@ -106,20 +106,25 @@ class OPDStudent(OnPolicyModule):
         if isinstance(self.trainer.datamodule, PromptSource):
             self.check_tasks(self.trainer.datamodule.tasks_present)
 
+    def denoisers(self) -> list[DiffusionModel]:
+        return super().denoisers() + list(self.teachers.values())
+
     def teacher_means(self, traj: Trajectory, rows: Tensor, steps: Tensor, prompts: Sequence[str],
-                      tasks: Sequence[str]) -> Tensor:
-        """The routed teachers' kernel means at the pairs (CPU index tensors ``[M]``), each teacher run
-        only on its own rows, on the prompts encoded by its own text encoder."""
+                      tasks: Sequence[str], batch_size: Optional[int] = None) -> Tensor:
+        """The routed teachers' kernel means at the pairs (CPU index tensors ``[M]``), each teacher run only on its
+        own rows, ``batch_size`` pairs per call (None: all of its rows in one call), on the prompts encoded by its
+        own text encoder."""
         out = torch.empty_like(traj.latents[rows.to(self.device), steps.to(self.device)])
         names = [self.route(tasks[r]) for r in rows.tolist()]
         with torch.no_grad():
             for name in sorted(set(names)):
-                sel = torch.tensor([i for i, n in enumerate(names) if n == name])
                 teacher, scale = self.teachers[name], self.teacher_guidance[name]
                 cond = teacher.encode_prompts(list(prompts))
                 uncond = teacher.null_cond(len(prompts)) if scale != 1.0 else None
-                r, s = rows[sel].to(self.device), steps[sel].to(self.device)
-                out[sel.to(self.device)] = self.kernel(teacher, traj, r, s, cond, uncond, scale)[0].float()
+                mine = torch.tensor([i for i, n in enumerate(names) if n == name])
+                for sel in mine.split(batch_size or len(mine)):
+                    r, s = rows[sel].to(self.device), steps[sel].to(self.device)
+                    out[sel.to(self.device)] = self.kernel(teacher, traj, r, s, cond, uncond, scale)[0].float()
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -131,11 +136,14 @@ class OPDStudent(OnPolicyModule):
         traj = self.sample_trajectories(self.model, cond, uncond, len(prompts), self.step_generator())
         cpu_gen = self.step_generator("cpu")
         rows, steps = self.training_pairs(traj, self.updates.steps_per_sample, cpu_gen, stochastic_only=False)
+        # the teachers are frozen and x_t comes from the rollout: every target is known before the first update, so
+        # each teacher runs once over all of its pairs, in calls as large as the rollout's
+        targets = self.teacher_means(traj, rows, steps, prompts, tasks, batch_size=len(prompts))
         opt, losses = self.optimizers(), defaultdict(list)
         for chunk in self.minibatches(len(rows), cpu_gen):
-            target = self.teacher_means(traj, rows[chunk], steps[chunk], prompts, tasks)
             r, s = rows[chunk].to(self.device), steps[chunk].to(self.device)
             mean, std = self.kernel(self.model, traj, r, s, cond, uncond)
+            target = targets[chunk.to(self.device)]
             per_pair = per_step_kl(mean, target, std, self.distill.ode_weight) * self.reduction_scale * self.step_weight(s)
             loss = per_pair.mean()
             if not self.apply_update(opt, loss, "per-step KL loss"):

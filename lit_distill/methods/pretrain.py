@@ -54,9 +54,6 @@ class DiffusionPretrain(DistillModule):
         self.ema = EMA(self.model, decay=ema_decay)
         self.prompt_dropout, self.eval_steps = prompt_dropout, eval_steps
 
-    def setup(self, stage: str) -> None:
-        self.maybe_compile(self.model.net)
-
     def _loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         images = batch["image"]
         if self.model.vae is None:  # pixel-space model: the data must match what the network denoises

@@ -75,6 +75,10 @@ class OneStepOptim(Optim):
         _check_counts(self, "aux_updates_per_generator_update")
 
 
+COMPILE_MODES = ("auto", "off", "regional", "full")
+NORM_PRECISIONS = ("input", "float32")
+
+
 @dataclass(frozen=True)
 class Runtime:
     """How a run executes, not what it learns.
@@ -84,16 +88,76 @@ class Runtime:
             ``seed + 1009 k + r``), so a resumed run draws what an uninterrupted one would.
         nan_policy: ``"raise"`` stops with the step and the tensor named when a loss or reward is not finite;
             ``"skip"`` skips that update and counts it in the ``nonfinite_skipped`` log.
-        compile: ``torch.compile`` the trained denoiser (CUDA only; a clear error on CPU).
-        gradient_checkpointing: activation checkpointing in the trained diffusers network.
+        compile: ``torch.compile`` of the trained denoiser: ``"regional"`` compiles each repeated diffusers block
+            (UNet resnets and transformer blocks, SD3 joint blocks: ``lit_distill.models.compilation``) and
+            reuses one compiled graph across blocks of the same shape, so warm-up is far shorter than
+            ``"full"`` (the whole network, one graph); ``"off"`` runs eager; ``"auto"`` (default) is
+            ``"regional"`` on a CUDA device and ``"off"`` elsewhere. ``True`` / ``False`` read as ``"full"`` /
+            ``"off"``. A compiled mode on a CPU run is an error.
+        compile_cache: directory of the compiler's caches (inductor's FX graph and kernel caches, AOTAutograd's),
+            so that a second run on the same machine skips most of the warm-up. None: ``$TORCHINDUCTOR_CACHE_DIR``
+            when set, else ``torch_compile`` in the lit_distill cache directory.
+        rollout_cuda_graphs: run the rollout's denoiser calls as CUDA graphs (``torch.compile`` mode
+            ``"reduce-overhead"`` of the whole network, used only by the no-grad, fixed-shape rollout; training
+            keeps ``compile``'s graphs). CUDA only; the graphs keep a memory pool of their own.
+        norm_precision: ``"input"`` (default): GroupNorm and LayerNorm layers under bf16/fp16 autocast take their
+            input's dtype (statistics still accumulate in fp32 inside the kernels) instead of autocast's rule,
+            which casts them to fp32 and back around every norm; outside autocast, or on fp32 inputs, they are
+            unchanged (bitwise). ``"float32"``: autocast's rule.
+        gradient_checkpointing: activation checkpointing in the trained diffusers network (less memory, one more
+            forward per backward).
     """
     seed: int = 0
     nan_policy: Literal["raise", "skip"] = "raise"
-    compile: bool = False
+    compile: Literal["auto", "off", "regional", "full"] = "auto"
+    compile_cache: Optional[str] = None
+    rollout_cuda_graphs: bool = False
+    norm_precision: Literal["input", "float32"] = "input"
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
+        if isinstance(self.compile, bool):  # the boolean of earlier versions
+            object.__setattr__(self, "compile", "full" if self.compile else "off")
         _check(self.nan_policy in ("raise", "skip"), self, "nan_policy", "choose 'raise' or 'skip'")
+        _check(self.compile in COMPILE_MODES, self, "compile", f"choose one of {list(COMPILE_MODES)}")
+        _check(self.norm_precision in NORM_PRECISIONS, self, "norm_precision", f"choose one of {list(NORM_PRECISIONS)}")
+
+
+WINDOW_MODES = ("random", "sliding")
+
+
+@dataclass(frozen=True)
+class SDEWindow:
+    """A window of consecutive stochastic steps, the only steps that train; the steps around it are ODE steps
+    (Flow-GRPO-Fast's ``sde_window_size`` / ``sde_window_range``; MixGRPO's sliding window). Only the window's
+    steps have log-densities, so the update costs ``size`` steps per rollout instead of all of them.
+
+    Args:
+        size: steps in the window.
+        mode: ``"random"``: a new position for each rollout batch, uniform over the positions that fit in
+            ``range`` (Flow-GRPO-Fast); ``"sliding"``: the window starts at ``range[0]`` and moves ``stride`` steps
+            later every ``shift_every`` training steps, back to the start once it would pass the end (MixGRPO's
+            progressive window with roll-back). Either way the position is a function of (``runtime.seed``, the
+            training step), so a resumed run places it as an uninterrupted one would, and every rank agrees.
+        range: ``(first, end)``: the window lies within steps ``first .. end - 1`` (None: every trained step,
+            ``0 .. int(num_steps * updates.timestep_fraction) - 1``).
+        shift_every: training steps between two moves of a ``"sliding"`` window.
+        stride: steps a ``"sliding"`` window moves at a time.
+    """
+    size: int = 2
+    mode: Literal["random", "sliding"] = "random"
+    range: Optional[tuple[int, int]] = None
+    shift_every: int = 1
+    stride: int = 1
+
+    def __post_init__(self):
+        _check_counts(self, "size", "shift_every", "stride")
+        _check(self.mode in WINDOW_MODES, self, "mode", f"choose one of {list(WINDOW_MODES)}")
+        if self.range is not None:
+            object.__setattr__(self, "range", tuple(int(i) for i in self.range))
+            _check(len(self.range) == 2 and 0 <= self.range[0] < self.range[1], self, "range",
+                   "give (first, end) with 0 <= first < end")
+            _check(self.range[1] - self.range[0] >= self.size, self, "range", f"must hold size={self.size} steps")
 
 
 @dataclass(frozen=True)
@@ -104,6 +168,8 @@ class Sampling:
         num_steps: sampling steps of a training rollout.
         noise_level: eta (VP, DDIM) or a (rectified flow) of the stochastic steps.
         sde_steps: indices of the stochastic steps (None: all); the others are ODE steps.
+        sde_window: a :class:`SDEWindow` (or a dict of its fields): stochastic and trained steps only in a window
+            that moves between rollout batches, ODE steps elsewhere (None: no window). Excludes ``sde_steps``.
         guidance_scale: classifier-free guidance in rollouts, recomputed kernels and evaluation (1: off).
         rollouts_per_prompt: rollouts of each prompt of a batch (GRPO's group size G).
         eval_steps: ODE steps of evaluation images (``generate_eval_samples``).
@@ -111,6 +177,7 @@ class Sampling:
     num_steps: int = 10
     noise_level: float = 0.7
     sde_steps: Optional[tuple[int, ...]] = None
+    sde_window: Optional[SDEWindow] = None
     guidance_scale: float = 1.0
     rollouts_per_prompt: int = 8
     eval_steps: int = 20
@@ -118,8 +185,15 @@ class Sampling:
     def __post_init__(self):
         if self.sde_steps is not None:
             object.__setattr__(self, "sde_steps", tuple(int(i) for i in self.sde_steps))
+        if isinstance(self.sde_window, Mapping):
+            object.__setattr__(self, "sde_window", group(self.sde_window, SDEWindow()))
         _check_counts(self, "num_steps", "rollouts_per_prompt", "eval_steps")
         _check(self.noise_level >= 0, self, "noise_level", "must be >= 0")
+        _check(self.sde_window is None or self.sde_steps is None, self, "sde_window",
+               "give either sde_steps (fixed stochastic steps) or sde_window (a moving window), not both")
+        if self.sde_window is not None and self.sde_window.range is not None:
+            _check(self.sde_window.range[1] <= self.num_steps, self, "sde_window",
+                   f"range must lie within the {self.num_steps} sampling steps")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_distill.diffusion.schedules import schedule_from_scheduler_config
+from lit_distill.models.compilation import drop_compiled
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
@@ -266,6 +267,7 @@ class DiffusionModel(nn.Module):
         frozen teacher/reference."""
         shared = [getattr(self, n) for n in ("vae",) + TEXT_ENCODERS + TOKENIZERS if getattr(self, n) is not None]
         new = copy.deepcopy(self, memo={id(m): m for m in shared})
+        drop_compiled(new.net)  # a compiled copy would run the original's weights
         new._null_cache = dict(self._null_cache)
         new.net.requires_grad_(False)
         new.net.eval()
