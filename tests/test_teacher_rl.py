@@ -217,14 +217,14 @@ def test_sde_window_makes_only_its_steps_stochastic_and_trained():
     """Flow-GRPO-Fast's window: in each training step the rollout is stochastic exactly on the window's steps (ODE
     elsewhere), only those steps enter the loss, and the position is a function of (seed, step)."""
     torch.manual_seed(0)
-    module = tiny_rl(sampling={"num_steps": 6, "sde_window": {"size": 2}})
+    module = tiny_rl(sampling={"num_steps": 6, "sde_window": {"size": 2}}, updates={"minibatch_size": 4})
     seen_windows = set()
     calls = []
     original_kernel = module.kernel
 
     def recording_kernel(model, traj, rows, steps, *args, **kwargs):
         if torch.is_grad_enabled():
-            calls.append((module.global_step, set(steps.tolist())))
+            calls.append((module.current_step, set(steps.tolist())))
         return original_kernel(model, traj, rows, steps, *args, **kwargs)
 
     module.kernel = recording_kernel
@@ -233,7 +233,7 @@ def test_sde_window_makes_only_its_steps_stochastic_and_trained():
 
     def recording_rollout(*args, **kwargs):
         traj = original_rollout(*args, **kwargs)
-        rollouts.append((module.global_step, traj))
+        rollouts.append((module.current_step, traj))
         return traj
 
     module.sample_trajectories = recording_rollout
@@ -242,7 +242,7 @@ def test_sde_window_makes_only_its_steps_stochastic_and_trained():
                         enable_model_summary=False)
     before = [p.detach().clone() for p in module.model.net.parameters()]
     trainer.fit(module, loader)
-    assert len(rollouts) == 6
+    assert len(rollouts) == 6 and len(calls) == 6 * 4  # 16 window pairs per step in 4 updates
     for step, traj in rollouts:
         window = module.window_steps(step)
         seen_windows.add(window.start)

@@ -88,6 +88,7 @@ class OnPolicyModule(DistillModule):
         self.reduction_scale = 1.0 if updates.reduction == "sum" else 1.0 / torch.Size(self.model.sample_shape).numel()
         self._grids: dict[tuple, SamplingGrid] = {}
         self._graphed_rollout: dict[str, Callable] = {}  # CUDA-graph denoiser (a plain dict: not a submodule)
+        self.current_step = 0  # the training step in progress (``on_train_batch_start``)
 
     # -- pieces ---------------------------------------------------------------------------------
     def grid(self, num_steps: Optional[int] = None) -> SamplingGrid:
@@ -103,13 +104,18 @@ class OnPolicyModule(DistillModule):
         uncond = self.model.null_cond(len(prompts)) if self.sampling.guidance_scale != 1.0 else None
         return cond, uncond
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # trainer.global_step moves on at the first optimiser update of a step: keep the index of the step in progress
+        self.current_step = self.global_step
+
     def window_steps(self, step: Optional[int] = None) -> Optional[range]:
-        """The steps of ``sampling.sde_window`` at training step ``step`` (default: the current one); None without
-        a window. A function of (``runtime.seed``, step) alone: the same on every rank and after a resume."""
+        """The steps of ``sampling.sde_window`` at training step ``step`` (default: the step in progress,
+        ``current_step``); None without a window. A function of (``runtime.seed``, step) alone: the same on every rank
+        and after a resume."""
         window = self.sampling.sde_window
         if window is None:
             return None
-        step = self.global_step if step is None else step
+        step = self.current_step if step is None else step
         first = window_start(window.size, *self.window_span, window.mode, step, self.seed, window.shift_every,
                              window.stride)
         return range(first, first + window.size)
