@@ -174,9 +174,10 @@ def _reach(name: str, system: str, reference: str) -> str:
     return f"reaches {what} at update {update} of {curves[system][-1][0]}"
 
 
-def _speedups(key: str) -> str:
-    """The range of speed-ups over the naive loop of the methods of ``figures[key]`` (throughput)."""
-    values = [m["speedup_vs_naive"] for m in figures("throughput")[key].values() if m.get("speedup_vs_naive")]
+def _speedups(key: str, name: str = "throughput", field: str = "speedup_vs_peer") -> str:
+    """The range of ``field`` (default: the speed-up over the peer loop) over the methods of ``figures[key]`` of
+    results ``name`` (a throughput file)."""
+    values = [m[field] for m in figures(name)[key].values() if m.get(field)]
     return f"{min(values):.1f}-{max(values):.1f}x"
 
 
@@ -402,6 +403,8 @@ def quickstart_table() -> str:
 
 @section("throughput")
 def throughput_section() -> str:
+    """A table per model (and per ``--variant``), an extra row per method measured with ``--fp32-loop``, the DDP
+    scaling."""
     doc = record("throughput")
     f = doc["figures"]
     pct = lambda v: None if v is None else f"{100 * v:.0f}%"  # noqa: E731
@@ -411,30 +414,41 @@ def throughput_section() -> str:
     peak_text = f"{peaks[0]}" if len(peaks) == 1 else f"{peaks[0]}-{peaks[-1]}"
     lines = [f"Measured by `benchmarks/throughput.py` (results: `benchmarks/results/throughput.json`; the runs "
              "that wrote each part are listed under `provenance` there). Random-weight denoisers at real size, text "
-             "encoders stubbed, one training step = rollout + update (see the script's docstring for the exact "
-             "workloads and the naive reference). MFU is relative to the bf16 matmul peak measured in the same run "
-             f"as each row: **{peak_text} TFLOP/s**.", ""]
+             "encoders stubbed, one training step = rollout + update, with the method's default settings for a CUDA "
+             "run of the version measured (the `compile` column; a variant names what it changed); *vs peer* is the "
+             "ratio to the peers' own loop (ddpo-pytorch / Flow-GRPO style for TeacherRL and OPD, a plain bf16 loop "
+             "for the others) measured in the same run on the same model and workload (the script's docstring has "
+             "both). MFU is relative to the bf16 matmul peak measured in the same run as each row: "
+             f"**{peak_text} TFLOP/s**.", ""]
     header = ["method", "images/s", "rollout img/s", "update img/s", "MFU rollout", "MFU update", "peak GiB",
-              "grad. ckpt", "naive img/s", "speedup"]
+              "peer img/s", "peer GiB", "vs peer", "compile", "warm-up s", "grad. ckpt"]
     for key in sorted((k for k in f if k.startswith("methods")), key=lambda k: (k.startswith("methods_sd3"), len(k))):
         label_key = "model_sd3" if key.startswith("methods_sd3") else "model"
         methods = f.get(key) or {}
         if not methods:
             continue
         prov, others = provenance_lines(doc, key, methods)
-        compiled = (" with `compile=True`" if "_compile" in key else "") + \
-            (" in channels-last memory format" if "_channels_last" in key else "")
-        lines += [f"**{f.get(label_key, key)}**{compiled} — {run_stamp(prov)}", ""]
+        variant = key.removeprefix("methods_sd3").removeprefix("methods").lstrip("_")
+        lines += [f"**{f.get(label_key, key)}**{f' — variant `{variant}`' if variant else ''} — {run_stamp(prov)}", ""]
         lines += [line for o in others for line in (o, "")]
         rows = []
         for name, m in methods.items():
             if "error" in m:
                 rows.append([name, f"error: {m['error'][:60]}"] + [None] * (len(header) - 2))
                 continue
+            speedup, compiled = m.get("speedup_vs_peer"), m.get("compile")
+            if isinstance(compiled, bool):  # results of earlier versions: compile=True was the whole network
+                compiled = "full" if compiled else "off"
             rows.append([name, num(m["images_per_s"]), num(m["rollout_images_per_s"]), num(m["update_images_per_s"]),
                          pct(m["mfu_rollout"]), pct(m["mfu_update"]), num(m["peak_mem_gib"]),
-                         "yes" if m.get("gradient_checkpointing") else "no", num(m["naive_images_per_s"], 2),
-                         None if m["speedup_vs_naive"] is None else f"{m['speedup_vs_naive']:.1f}x"])
+                         num(m.get("peer_images_per_s"), 2), num(m.get("peer_peak_mem_gib")),
+                         None if speedup is None else f"{speedup:.2f}x", compiled,
+                         num(m.get("compile_warmup_s"), 0), "yes" if m.get("gradient_checkpointing") else "no"])
+            fp32 = m.get("fp32_loop_images_per_s") or m.get("naive_images_per_s")  # (earlier versions: "naive")
+            if fp32:
+                memory = (m.get("fp32_loop") or m.get("naive") or {}).get("peak_mem_gib")
+                rows.append([f"{name}: fp32 loop (extra row, not a peer)", num(fp32, 2)] + [None] * 4
+                            + [num(memory)] + [None] * 6)
         lines += markdown_table(header, rows) + [""]
     if f.get("ddp_scaling"):
         d = f.get("ddp_details", {})
@@ -445,6 +459,28 @@ def throughput_section() -> str:
         lines += markdown_table(["GPUs", "images/s", "scaling efficiency"],
                                 [[g, num(v), pct(v / (int(g) * f["ddp_scaling"]["1"]))] for g, v in f["ddp_scaling"].items()])
     return "\n".join(lines).strip()
+
+
+@section("fast_rl")
+def fast_rl_table() -> str:
+    """TeacherRL on every SDE step against the window of SDE steps: held-out reward against training seconds."""
+    if not (RESULTS / "fast_rl.json").is_file():
+        return ("Not measured on a GPU yet: `python benchmarks/fast_rl.py --seeds 0 1` (docs/speed.md) writes "
+                "`benchmarks/results/fast_rl.json`. The CPU variant (`--cpu`: one seed, a shared 2-core machine) is in "
+                "`benchmarks/results/fast_rl_cpu.json`.")
+    f = figures("fast_rl")
+    fmt = lambda v: "never" if v is None else f"{v:.1f}"  # noqa: E731
+    rows = [[name, json.dumps(r["settings"]["sampling"].get("sde_window")) if r["settings"]["sampling"].get("sde_window")
+             else "every step", r["settings"]["updates"]["minibatch_size"], f"{r['images_per_s']:.1f}",
+             f"{r['base']:.3f}", f"{r['curve'][-1][1]:.3f}", f"{r['max']:.3f}", fmt(f["seconds_to_90"][name])]
+            for name, r in f["runs"].items()]
+    speedup = f.get("speedup_to_90")
+    return stamped_table("fast_rl", ["setting", "SDE steps", "pairs per update", "images/s", "base", "final", "max",
+                                     "seconds to 90%"], rows,
+                         note=f"Task `{f['task']}`, seeds {f['seeds']}, {f['budget_seconds']:.0f} s of training per "
+                              "run (evaluations left out); plot `docs/fast_rl.png`. Time to 90% of the headroom, every "
+                              "step over the window: "
+                              + ("not reached by both" if speedup is None else f"{speedup:.2f}x") + ".")
 
 
 @section("scaling")
@@ -478,6 +514,11 @@ def write_plots() -> list[Path]:
     written.append(ROOT / "docs" / "one_step_fid.png")
     plot_curves(f["curves"], str(written[-1]), xlabel="generator updates", ylabel="fid_classifier (log)",
                 hline=f["teacher_fid"], hline_label=f"teacher ({f['teacher_steps']} steps)", logy=True)
+    if (RESULTS / "fast_rl.json").is_file():
+        f = figures("fast_rl")
+        written.append(ROOT / "docs" / "fast_rl.png")
+        plot_curves({name: r["curve"] for name, r in f["runs"].items()}, str(written[-1]), xlabel="training seconds",
+                    ylabel=f"{f['task']} reward (held-out prompts)", hline=f["runs"]["all_steps"]["max"])
     if (RESULTS / "scaling.json").is_file():
         f = figures("scaling")
         plt = _pyplot()

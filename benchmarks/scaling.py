@@ -52,8 +52,8 @@ def worker(args) -> None:
     cuda = not args.tiny
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     spec = tp.model_specs(args.tiny)["unet"]
-    module = tp.build_module(args.method, spec, device, gradient_checkpointing=args.gradient_checkpointing,
-                             compile=args.compile, tiny=args.tiny)
+    runtime = {**tp.parse_runtime(args.runtime), "gradient_checkpointing": args.gradient_checkpointing}
+    module = tp.build_module(args.method, spec, device, runtime=runtime, tiny=args.tiny)
     timer = tp.StepTimer(module, tp.Clock(cuda))
     strategy = "auto"
     if args.devices > 1 or args.strategy == "fsdp":
@@ -71,15 +71,18 @@ def worker(args) -> None:
 
 
 def run_point(method: str, strategy: str, devices: int, work_dir: Path, *, tiny: bool, warmup: int, steps: int,
-              gradient_checkpointing: bool = False, precision: str | None = None, compile: bool = False) -> dict:
+              gradient_checkpointing: bool = False, precision: str | None = None,
+              runtime: dict | None = None) -> dict:
     """Launch :func:`worker` for one (method, strategy, devices) point in a fresh process (Lightning starts the
-    other ranks) and return rank 0's figures; raises ``RuntimeError`` if the worker fails."""
+    other ranks) and return rank 0's figures; raises ``RuntimeError`` if the worker fails. ``runtime``: settings of
+    the methods' ``runtime`` group (the defaults for the others)."""
     result = Path(work_dir) / f".scaling_{method}_{strategy}_{devices}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", method, "--strategy", strategy,
                "--devices", str(devices), "--result", str(result), "--warmup", str(warmup), "--steps", str(steps)]
     command += ["--tiny"] if tiny else []
     command += ["--gradient-checkpointing"] if gradient_checkpointing else []
-    command += ["--compile"] if compile else []
+    command += ["--runtime", *(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in runtime.items())] \
+        if runtime else []
     command += ["--precision", precision] if precision else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for key, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
@@ -97,6 +100,8 @@ def run_point(method: str, strategy: str, devices: int, work_dir: Path, *, tiny:
 def measure(args) -> dict:
     import torch
 
+    import throughput as tp
+
     available = torch.cuda.device_count()
     if not args.tiny and available < 1:
         raise SystemExit("no CUDA device: run on GPUs, or pass --tiny for the CPU smoke test")
@@ -113,7 +118,7 @@ def measure(args) -> dict:
                     point.update(run_point(method, strategy, n, Path(args.out).parent, tiny=args.tiny,
                                            warmup=args.warmup, steps=args.steps,
                                            gradient_checkpointing=args.gradient_checkpointing,
-                                           precision=args.precision, compile=args.compile))
+                                           precision=args.precision, runtime=tp.parse_runtime(args.runtime)))
                 except RuntimeError as error:
                     points.append({**point, "error": str(error)})
                     continue
@@ -142,10 +147,11 @@ def main(argv=None) -> None:
     p.add_argument("--gpus", type=int, nargs="+", default=None, help="GPU counts (default 1, 2, 4, 8 up to the machine's)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps (compilation happens there)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="the modules' compile=True")
+    p.add_argument("--runtime", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="runtime settings of the methods (default: theirs, e.g. regional compilation on CUDA)")
     p.add_argument("--precision", default=None, help="default bf16-mixed (32-true with --tiny)")
     p.add_argument("--tiny", action="store_true", help="tiny UNet on CPU processes over gloo (smoke test)")
     p.add_argument("--out", default=None)
