@@ -91,8 +91,9 @@ class Runtime:
         compile: ``torch.compile`` of the trained denoiser: ``"regional"`` compiles each repeated diffusers block
             (UNet resnets and transformer blocks, SD3 joint blocks: ``lit_distill.models.compilation``) and
             reuses one compiled graph across blocks of the same shape, so warm-up is far shorter than
-            ``"full"`` (the whole network, one graph); ``"off"`` runs eager; ``"auto"`` (default) is
-            ``"regional"`` on a CUDA device and ``"off"`` elsewhere. ``True`` / ``False`` read as ``"full"`` /
+            ``"full"`` (the whole network, one graph); ``"off"`` (default) runs eager; ``"auto"`` is
+            ``"regional"`` on a CUDA device and ``"off"`` elsewhere. The default stays eager until the GPU
+            benchmark of docs/speed.md has measured whether compilation pays. ``True`` / ``False`` read as ``"full"`` /
             ``"off"``. A compiled mode on a CPU run is an error.
         compile_cache: directory of the compiler's caches (inductor's FX graph and kernel caches, AOTAutograd's),
             so that a second run on the same machine skips most of the warm-up. None: ``$TORCHINDUCTOR_CACHE_DIR``
@@ -100,19 +101,19 @@ class Runtime:
         rollout_cuda_graphs: run the rollout's denoiser calls as CUDA graphs (``torch.compile`` mode
             ``"reduce-overhead"`` of the whole network, used only by the no-grad, fixed-shape rollout; training
             keeps ``compile``'s graphs). CUDA only; the graphs keep a memory pool of their own.
-        norm_precision: ``"input"`` (default): GroupNorm and LayerNorm layers under bf16/fp16 autocast take their
+        norm_precision: ``"input"``: GroupNorm and LayerNorm layers under bf16/fp16 autocast take their
             input's dtype (statistics still accumulate in fp32 inside the kernels) instead of autocast's rule,
             which casts them to fp32 and back around every norm; outside autocast, or on fp32 inputs, they are
-            unchanged (bitwise). ``"float32"``: autocast's rule.
+            unchanged (bitwise). ``"float32"`` (default, until measured): autocast's rule.
         gradient_checkpointing: activation checkpointing in the trained diffusers network (less memory, one more
             forward per backward).
     """
     seed: int = 0
     nan_policy: Literal["raise", "skip"] = "raise"
-    compile: Literal["auto", "off", "regional", "full"] = "auto"
+    compile: Literal["auto", "off", "regional", "full"] = "off"
     compile_cache: Optional[str] = None
     rollout_cuda_graphs: bool = False
-    norm_precision: Literal["input", "float32"] = "input"
+    norm_precision: Literal["input", "float32"] = "float32"
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
