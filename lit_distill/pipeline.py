@@ -17,8 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from .models.base_recipe import BaseRecipe, default_base_recipe
-from .models.sources import EMBEDDED_BASE
+from .models.base_recipe import EMBEDDED_BASE, BaseRecipe, default_base_recipe
 
 if TYPE_CHECKING:  # the heavy imports happen inside the functions: `lit-distill quickstart --help` stays fast
     import lightning as L

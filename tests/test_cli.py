@@ -156,6 +156,8 @@ def test_fit_makes_the_embedded_bases_a_config_names_before_building_the_module(
     monkeypatch.setattr(pipeline, "ensure_embedded_base", stop)
     with pytest.raises(MadeBase):
         main(["fit", "--config", str(ROOT / "configs/teacher_rl/brightness.yaml")])
+
+
 def run_python(code: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -167,6 +169,17 @@ def test_top_level_help_lists_quickstart_without_importing_torch():
     assert result.returncode == 0, result.stderr
     assert "quickstart" in result.stdout and "fit" in result.stdout
     assert result.stdout.strip().endswith("[]")  # nothing heavy imported: help answers at once
+
+
+HEAVY_AT_EXIT = "import atexit, sys; atexit.register(lambda: print('heavy:', sorted(m for m in ('torch', 'lightning') if m in sys.modules)))"
+
+
+@pytest.mark.parametrize("command", ["quickstart", "embedded-base"])
+def test_subcommand_help_answers_without_importing_torch(command):
+    result = run_python(f"{HEAVY_AT_EXIT}; from lit_distill.cli import main; main([{command!r}, '--help'])")
+    assert result.returncode == 0, result.stderr
+    assert "--cache-dir" in result.stdout
+    assert result.stdout.strip().endswith("heavy: []")  # argparse alone: help answers at once
 
 
 def test_quickstart_help_shows_every_option_with_its_default_and_meaning():

@@ -16,6 +16,9 @@ from typing import Optional
 
 from ..utils import default_cache_dir, tiny_run
 
+#: The model source that names the base model of :func:`default_base_recipe` (``model: embedded:base``)
+EMBEDDED_BASE = "embedded:base"
+
 
 @dataclass(frozen=True)
 class BaseRecipe:

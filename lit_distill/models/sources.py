@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .base_recipe import default_base_recipe
+from .base_recipe import EMBEDDED_BASE, default_base_recipe
 from .builders import build_embedded_model
 from .diffusion_model import DiffusionModel
 
-EMBEDDED_BASE = "embedded:base"
 SOURCES_HELP = ("'embedded' (a fresh tiny text-conditional model built from config), 'embedded:base' "
                 "(the pretrained embedded base model, from the cache) or the path of a diffusers-style model "
                 "directory (unet/ or transformer/, scheduler/, optional vae/, text_encoder/ and tokenizer/)")
