@@ -96,6 +96,8 @@ def parse(argv=None):
     p.add_argument("--ablations", type=json.loads, default={},
                    help='variants of one system, \'{"NAME": {"system": "disback", "settings": {...}}}\'')
     p.add_argument("--work", default="runs/bench_one_step")
+    p.add_argument("--reuse", action="store_true", help="take the units whose part file is already in --work as "
+                   "they are (more seeds for an earlier run: the same settings and --work)")
     p.add_argument("--unit", nargs=2, metavar=("SEED", "SYSTEM"), help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results/one_step.json")
     p.add_argument("--no-docs", action="store_true", help="do not touch docs/ (e.g. when --out is a part to merge)")
@@ -192,17 +194,19 @@ def measure(args) -> dict:
     ensure_embedded_base(cache_dir=args.cache_dir)
     systems = list(args.systems) + list(args.ablations)
     units = [(seed, name) for seed in args.seeds for name in systems]
+    todo = [u for u in units if not (args.reuse and unit_file(args, *u).is_file())]
     if args.jobs > 1:
         keep = ("updates", "every", "num_samples", "teacher_steps", "batch_size", "cache_dir", "work",
                 "intermediate_share")
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in keep and v is not None]
         flags += ["--override", json.dumps(args.override), "--ablations", json.dumps(args.ablations)]
         flags += ["--cpu"] if args.cpu else []
-        run_jobs([[__file__, *flags, "--unit", str(s), name] for s, name in units], args.jobs,
+        run_jobs([[__file__, *flags, "--unit", str(s), name] for s, name in todo], args.jobs,
                  Path(args.work) / "logs")
-        parts = {u: json.loads(unit_file(args, *u).read_text()) for u in units}
     else:
-        parts = {u: run_unit(args, *u) for u in units}
+        for u in todo:
+            run_unit(args, *u)
+    parts = {u: json.loads(unit_file(args, *u).read_text()) for u in units}
     reference = reference_figures(args)
     per_seed = {str(s): {name: parts[(s, name)]["curve"] for name in systems} for s in args.seeds}
     mean = seed_mean(per_seed)
