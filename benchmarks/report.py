@@ -163,15 +163,22 @@ def _ratio(numerator: str, denominator: str) -> str:
     return f"{_number(numerator) / _number(denominator):.1f}x"
 
 
+def one_step_curve(f: dict, system: str) -> list:
+    """The (mean) FID curve of ``system`` in one_step figures ``f``: one of its systems or of its ablations."""
+    return f["curves"][system] if system in f["curves"] else f["ablations"][system]["curve"]
+
+
 def _reach(name: str, system: str, reference: str) -> str:
-    """Whether, and at which update, ``system``'s FID curve reaches ``reference``'s final value."""
-    curves = figures(name)["curves"]
-    final = curves[reference][-1][1]
-    update = next((u for u, fid in curves[system] if fid <= final), None)
-    what = f"{reference.replace('_', '-').title()}'s final {final:.3g}"
+    """Whether, and at which update, ``system``'s FID curve reaches ``reference``'s final value (either may be
+    an ablation of results ``name``)."""
+    f = figures(name)
+    curve, final = one_step_curve(f, system), one_step_curve(f, reference)[-1][1]
+    update = next((u for u, fid in curve if fid <= final), None)
+    label = reference.replace('_', '-').title() if reference in f["curves"] else f"`{reference}`"
+    what = f"{label}'s final {final:.3g}"
     if update is None:
         return f"never reaches {what}"
-    return f"reaches {what} at update {update} of {curves[system][-1][0]}"
+    return f"reaches {what} at update {update} of {curve[-1][0]}"
 
 
 def _speedups(key: str, name: str = "throughput", field: str = "speedup_vs_peer") -> str:
@@ -325,20 +332,23 @@ def reach_fraction(curve: list, target: float) -> float | None:
     return next((x / curve[-1][0] for x, y in curve if y <= target), None)
 
 
-@section("one_step")
-def one_step_table() -> str:
-    f = figures("one_step")
+def one_step_table(name: str = "one_step") -> str:
+    """FID of every system and ablation of one_step results ``name``: start, half-way, final (mean and per seed)."""
+    f = figures(name)
     curves, seconds, seeds = f["curves"], f["wall_seconds"], f.get("seeds", [0])
     per_seed = f.get("curves_per_seed", {})
     rows = []
-    for name, c in curves.items():
-        finals = [per_seed[str(k)][name][-1][1] for k in seeds if name in per_seed.get(str(k), {})]
-        rows.append([name, f"{c[0][1]:.2f}", f"{c[len(c) // 2][1]:.2f}", c[-1][0], f"{c[-1][1]:.2f}",
-                     ", ".join(f"{v:.2f}" for v in finals), seconds.get(name, "")])
-    for name, run in f.get("ablations", {}).items():
-        c = run["curve"]
-        rows.append([f"{run['system']} [{name}: {json.dumps(run['settings'])}]", f"{c[0][1]:.2f}",
-                     f"{c[len(c) // 2][1]:.2f}", c[-1][0], f"{c[-1][1]:.2f}", "", seconds.get(name, "")])
+
+    def row(label: str, c: list, seed_curves: dict, key: str) -> list:
+        finals = [seed_curves[str(k)][-1][1] for k in seeds if str(k) in seed_curves]
+        return [label, f"{c[0][1]:.2f}", f"{c[len(c) // 2][1]:.2f}", c[-1][0], f"{c[-1][1]:.2f}",
+                ", ".join(f"{v:.2f}" for v in finals), seconds.get(key, "")]
+
+    for system, c in curves.items():
+        rows.append(row(system, c, {k: v[system] for k, v in per_seed.items() if system in v}, system))
+    for ablation, run in f.get("ablations", {}).items():
+        rows.append(row(f"{run['system']} [{ablation}: {json.dumps(run['settings'])}]", run["curve"],
+                        run.get("curves_per_seed", {}), ablation))
     rows.append([f"teacher, {f['teacher_steps']} ODE steps", "", "", "", f"{f['teacher_fid']:.2f}", "", ""])
     if "real_floor" in f:
         rows.append(["real floor (held-out real images)", "", "", "", f"{f['real_floor']:.2f}", "", ""])
@@ -346,10 +356,14 @@ def one_step_table() -> str:
             + " Rows with [brackets] are ablations.")
     if "disback" in curves and "diff_instruct" in curves:
         reach = reach_fraction(curves["disback"], curves["diff_instruct"][-1][1])
-        note += (f" DisBack reaches Diff-Instruct's final FID after "
-                 f"{'never' if reach is None else f'{reach:.0%} of'} its generator updates.")
-    return stamped_table("one_step", ["system", "fid at 0", "fid at half", "updates", "final fid",
-                                      "final fid per seed", "seconds"], rows, note=note, figure="curves")
+        note += (" DisBack never reaches Diff-Instruct's final FID within its generator updates." if reach is None
+                 else f" DisBack reaches Diff-Instruct's final FID after {reach:.0%} of its generator updates.")
+    return stamped_table(name, ["system", "fid at 0", "fid at half", "updates", "final fid",
+                                "final fid per seed", "seconds"], rows, note=note, figure="curves")
+
+
+section("one_step")(one_step_table)
+section("one_step_cpu")(lambda: one_step_table("one_step_cpu"))
 
 
 @section("pretrain_digits")
