@@ -85,35 +85,12 @@ def settings_of(name: str, args) -> dict:
             "updates": {"minibatch_size": math.ceil(window_pairs / updates_per_step)}}
 
 
-def make_timer():
-    """A callback summing the duration of training steps (device synchronised at each step's end), so that the
-    evaluations that other callbacks run after it are left out; stops training past ``budget`` seconds."""
-    import lightning as L
-    import torch
-
-    class TrainingTime(L.Callback):
-        def __init__(self):
-            self.seconds, self.at_step, self.budget, self._start = 0.0, {0: 0.0}, math.inf, 0.0
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            if module.device.type == "cuda":
-                torch.cuda.synchronize(module.device)
-            self.seconds += time.perf_counter() - self._start
-            self.at_step[trainer.global_step] = self.seconds
-            if self.seconds >= self.budget:
-                trainer.should_stop = True
-
-    return TrainingTime()
-
-
 def run(args, name: str, seed: int) -> dict:
     """One TeacherRL run of setting ``name``: ``{"curve": [[seconds, reward], ...], "base", "max", "steps", ...}``."""
     import lightning as L
 
     from lit_distill.callbacks.reward import RewardCallback
+    from lit_distill.callbacks.timing import TrainingClock
     from lit_distill.data import PromptDataModule
     from lit_distill.data.prompts import read_prompt_file
     from lit_distill.methods import TeacherRL
@@ -126,8 +103,7 @@ def run(args, name: str, seed: int) -> dict:
     settings = settings_of(name, args)
     module = TeacherRL(str(base), TASK_REWARDS[args.task], **settings, optim={"lr": args.lr},
                        runtime={"seed": seed, **({} if args.compile else {"compile": "off"})})
-    timer = make_timer()
-    timer.budget = args.budget
+    clock = TrainingClock(budget_s=args.budget)
     evaluation = RewardCallback(eval_rows, reward=TASK_REWARDS[args.task], num_prompts=None,
                                 samples_per_prompt=args.eval_samples, every_n_steps=args.eval_every,
                                 output_dir=str(work / name / "grids"), save_best=False, seed=seed)
@@ -137,16 +113,15 @@ def run(args, name: str, seed: int) -> dict:
     started = time.time()
     trainer = L.Trainer(max_steps=10**6, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[timer, evaluation])  # the timer first: evaluations after it
+                        num_sanity_val_steps=0, callbacks=[clock, evaluation])  # the clock first: evaluations after it
     trainer.fit(module, data)
-    curve = [[timer.at_step[h["step"]], h[args.task]] for h in evaluation.history]
+    curve = [[clock.seconds_at_step[h["step"]], h[args.task]] for h in evaluation.history]
     result = {"curve": curve, "base": curve[0][1], "max": module.reward.max_value, "steps": trainer.global_step,
-              "train_seconds": timer.seconds, "wall_seconds": round(time.time() - started, 1),
-              "settings": {k: v for k, v in settings.items()}, "images_per_s": None}
-    result["images_per_s"] = trainer.global_step * args.prompts_per_step * args.rollouts_per_prompt / timer.seconds
+              "train_seconds": clock.seconds, "wall_seconds": round(time.time() - started, 1),
+              "settings": {k: v for k, v in settings.items()}, "images_per_s": clock.images_per_s}
     result["seconds_to_90"] = seconds_to_fraction(curve, result["base"], result["max"], 0.9)
     print(f"[fast_rl] seed {seed} {name}: {result['base']:.3f} -> {curve[-1][1]:.3f} (max {result['max']}) in "
-          f"{trainer.global_step} steps, {timer.seconds:.0f} s of training; 90% of the headroom at "
+          f"{trainer.global_step} steps, {clock.seconds:.0f} s of training; 90% of the headroom at "
           f"{result['seconds_to_90'] if result['seconds_to_90'] is None else round(result['seconds_to_90'], 1)} s",
           flush=True)
     return result

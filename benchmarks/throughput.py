@@ -296,10 +296,6 @@ def images_per_step(method: str, spec: Spec) -> int:
     return spec.rollout_batch if method in RL_METHODS else spec.one_step_batch
 
 
-def images_per_step(method: str, spec: Spec) -> int:
-    return spec.rollout_batch if method in RL_METHODS else spec.one_step_batch
-
-
 # -- timing ----------------------------------------------------------------------------------------
 class Clock:
     """CUDA events on a GPU, ``perf_counter`` on the CPU; ``seconds(a, b)`` after ``finish()``."""
@@ -615,6 +611,20 @@ class ReferenceRL:
         """The autocast region of the forwards (none here: fp32)."""
         return contextlib.nullcontext()
 
+    def halving_on_oom(self, work: Callable[[], Any], what: str) -> Any:
+        """``work()``, retried with ``self.micro`` (samples per forward pass) halved after each out-of-memory
+        error, down to 1."""
+        while True:
+            try:
+                return work()
+            except torch.OutOfMemoryError:
+                self.opt.zero_grad(set_to_none=True)
+                free_memory()
+                if self.micro == 1:
+                    raise
+                self.micro //= 2
+                say(f"  {what} {self.method}: out of memory; forward passes of {self.micro} samples")
+
     @staticmethod
     def policy_loss(log_prob, old_log_prob, adv) -> torch.Tensor:
         """TeacherRL's PPO-clipped loss (clip range 0.2, advantages clipped to 5)."""
@@ -651,7 +661,7 @@ class PeerRL(ReferenceRL):
 
     @torch.no_grad()
     def rollout(self):
-        b, n = self.spec.rollout_batch, self.spec.num_steps
+        b = self.spec.rollout_batch
         x = torch.randn((b,) + self.spec.sample_shape, device=self.device, generator=self.gen)
         latents, log_probs = [x], []
         for i, t in enumerate(self.timesteps):
@@ -693,17 +703,7 @@ class PeerRL(ReferenceRL):
             latents, old_logp = self.rollout()
             middle = clock.mark()
             adv = self.advantages(latents[:, -1])
-            while True:
-                try:
-                    self.train(latents, old_logp, adv)
-                    break
-                except torch.OutOfMemoryError:
-                    self.opt.zero_grad(set_to_none=True)
-                    free_memory()
-                    if self.micro == 1:
-                        raise
-                    self.micro //= 2
-                    say(f"  peer {self.method}: out of memory; forward batches of {self.micro} samples")
+            self.halving_on_oom(lambda: self.train(latents, old_logp, adv), "peer")
             if k >= warmup:
                 times.append((start, middle, clock.mark()))
         clock.finish()
@@ -787,19 +787,12 @@ class Fp32LoopRL(ReferenceRL):
         todo = len(chunks) if all_chunks else min(len(chunks), chunks_to_time)
         chunk_times = []
         for chunk in chunks[:todo]:
-            while True:
-                try:
-                    start = clock.mark()
-                    self.update_chunk(latents, rows[chunk].to(self.device), steps[chunk].to(self.device), old_logp, adv)
-                    chunk_times.append((start, clock.mark()))
-                    break
-                except torch.OutOfMemoryError:
-                    self.opt.zero_grad(set_to_none=True)
-                    free_memory()
-                    if self.micro == 1:
-                        raise
-                    self.micro //= 2
-                    say(f"  fp32 loop {self.method}: out of memory; micro-batches of {self.micro}")
+            def timed_update(chunk=chunk) -> tuple:
+                start = clock.mark()
+                self.update_chunk(latents, rows[chunk].to(self.device), steps[chunk].to(self.device), old_logp, adv)
+                return start, clock.mark()
+
+            chunk_times.append(self.halving_on_oom(timed_update, "fp32 loop"))
         clock.finish()
         rollout_s, logprob_s = clock.seconds(t0, t1), clock.seconds(t1, t2)
         per_chunk = [clock.seconds(a, c) for a, c in chunk_times]

@@ -14,7 +14,6 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Optional
 
 SUBCOMMANDS = {
     "fit": "train a method from a config: lit-distill fit --config configs/teacher_rl/brightness.yaml",

@@ -93,15 +93,15 @@ def add_step_progress_bar(trainer: Namespace) -> None:
     names a progress bar of its own."""
     if trainer.get("enable_progress_bar") is False:
         return
-    callbacks = list(trainer.get("callbacks") or [])
-    for callback in callbacks:
+    configured = list(trainer.get("callbacks") or [])
+    for callback in configured:
         path = callback.get("class_path", "") if isinstance(callback, Namespace) else ""
         module, _, name = path.rpartition(".")
         cls = getattr(importlib.import_module(module), name, None) if module else type(callback)
         if isinstance(cls, type) and issubclass(cls, ProgressBar):
             return
-    trainer["callbacks"] = callbacks + [Namespace(class_path="lit_distill.callbacks.StepProgressBar",
-                                                  init_args=Namespace())]
+    trainer["callbacks"] = configured + [Namespace(class_path="lit_distill.callbacks.StepProgressBar",
+                                                   init_args=Namespace())]
 
 
 def shrink_to_smoke_test(config) -> None:

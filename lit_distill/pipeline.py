@@ -151,41 +151,17 @@ def fit_stage(module, prompts: Path, eval_prompts: Path, max_steps: int, out: Pa
     on the held-out prompts before (unless ``eval_at_start`` is False), during (every ``every_n_steps``) and
     after training; exports the model to ``out/name/model``. Returns ``(reward history, seconds, images_per_s)``."""
     from .callbacks.export import ExportCallback
+    from .callbacks.timing import TrainingClock
     from .data import PromptDataModule
 
     data = PromptDataModule(str(prompts), batch_size=batch_size, val_fraction=0.0, repeat=1000, seed=seed)
     evaluation = reward_evaluation(eval_prompts, out / name / "grids", every_n_steps, samples_per_prompt, eval_at_start,
                                    seed)
-    timer = _throughput()
+    clock = TrainingClock()
     start = time.time()
-    trainer(max_steps, out / name, [evaluation, timer, ExportCallback(str(out / name / "model"))],
+    trainer(max_steps, out / name, [evaluation, clock, ExportCallback(str(out / name / "model"))],
             progress=progress).fit(module, data)
-    return evaluation.history, time.time() - start, timer.images_per_s
-
-
-def _throughput():
-    """A callback counting images generated per second of training (rollout samples / time in training steps)."""
-    import lightning as L
-    import torch
-
-    class Throughput(L.Callback):
-        def __init__(self):
-            self.images, self.seconds, self._t = 0, 0.0, 0.0
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self._t = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            if module.device.type == "cuda":
-                torch.cuda.synchronize(module.device)
-            self.seconds += time.perf_counter() - self._t
-            self.images += module.images_per_batch(batch)  # lit_distill.protocols.ImageCounter
-
-        @property
-        def images_per_s(self) -> float:
-            return self.images / max(self.seconds, 1e-9)
-
-    return Throughput()
+    return evaluation.history, time.time() - start, clock.images_per_s
 
 
 def rewards_of(entry: dict) -> dict:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_distill.callbacks import ExportCallback, FIDCallback, RewardCallback
+from lit_distill.callbacks import ExportCallback, FIDCallback, RewardCallback, TrainingClock
 from lit_distill.data import ImageDataModule
 from lit_distill.methods import (
     DiffusionPretrain, DisBackStudent, NoDistillOneStep, OPDStudent, TeacherRL, load_source)
@@ -67,9 +67,14 @@ def test_every_callback_runs_on_every_method(method, tmp_path):
     reward = RewardCallback(ROWS, reward=REWARD, num_prompts=None, every_n_steps=1, output_dir=str(tmp_path / "eval"),
                             save_best=False)
     export = ExportCallback(str(tmp_path / "export"))
+    clock = TrainingClock()
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[fid, reward, export])
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[clock, fid, reward, export])
     trainer.fit(module, data)
+
+    batch = next(iter(data.train_dataloader() if isinstance(data, ImageDataModule) else data))
+    assert clock.images == 2 * module.images_per_batch(batch) > 0
+    assert list(clock.seconds_at_step) == [0, 1, 2] and clock.seconds == clock.seconds_at_step[2] > 0
 
     assert len(fid.history) >= 2 and all(math.isfinite(h["fid_Pooled"]) for h in fid.history)
     assert len(reward.history) >= 2 and all(math.isfinite(h["reward"]) for h in reward.history)
@@ -83,3 +88,23 @@ def test_every_callback_runs_on_every_method(method, tmp_path):
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     from_checkpoint = net_state(load_source(str(tmp_path / "run.ckpt")))
     assert all(torch.equal(from_checkpoint[k], v) for k, v in expected.items())
+
+
+def test_training_clock_stops_a_run_at_its_budget(tmp_path):
+    module, data = build("pretrain", tmp_path)
+    clock = TrainingClock(budget_s=0.0)  # spent by the first step
+    trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[clock])
+    trainer.fit(module, data)
+    assert trainer.global_step == 1 and list(clock.seconds_at_step) == [0, 1]
+    assert clock.images_per_s == clock.images / clock.seconds
+
+
+def test_a_one_step_method_without_an_auxiliary_network_cannot_be_built():
+    from lit_distill.methods.one_step import OneStepModule
+
+    class NoAuxiliary(OneStepModule):
+        pass
+
+    with pytest.raises(TypeError, match="auxiliary_parameters"):
+        NoAuxiliary()

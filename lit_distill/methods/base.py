@@ -5,9 +5,8 @@ strategies and the pipeline read."""
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Optional, Sequence
+from typing import ClassVar, Iterable, Optional, Sequence
 
 import lightning as L
 import torch
@@ -39,7 +38,10 @@ class DistillModule(L.LightningModule):
             gradient_checkpointing).
         eval_prompts: prompts cycled by ``generate_eval_samples`` when the caller gives none (None: the empty
             prompt).
-    Subclasses call :meth:`save_settings` in their ``__init__`` (hyper-parameters with the groups as dicts).
+    Subclasses call :meth:`save_settings` in their ``__init__`` (hyper-parameters with the groups as dicts), and
+    implement the protocols of ``lit_distill.protocols`` that the callbacks they run with need: every lit_distill
+    method defines ``exported_model()`` (:class:`Exportable`, with :meth:`export`) and ``images_per_batch(batch)``
+    (:class:`ImageCounter`).
     """
 
     method: ClassVar[str] = "base"
@@ -114,10 +116,6 @@ class DistillModule(L.LightningModule):
             return list(prompts)
         pool = list(self.eval_prompts or [""])
         return [pool[i % len(pool)] for i in range(n)]
-
-    def images_per_batch(self, batch: dict[str, Any]) -> int:
-        """``lit_distill.protocols.ImageCounter``: images generated for ``batch`` in one training step."""
-        raise NotImplementedError(f"{type(self).__name__} does not define images_per_batch()")
 
     # -- building blocks ---------------------------------------------------------------------
     def make_optimizer(self, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
@@ -240,15 +238,11 @@ class DistillModule(L.LightningModule):
         return trainer.world_size if trainer is not None else 1
 
     # -- export ------------------------------------------------------------------------------
-    @contextmanager
-    def exported_model(self) -> Iterator[nn.Module]:
-        """The ``DiffusionModel`` that :meth:`export` writes, valid inside the block (EMA weights swapped in,
-        LoRA merged...). A Lightning checkpoint of the method loaded as a model source gives a copy of it."""
-        raise NotImplementedError(f"{type(self).__name__} does not define exported_model()")
-        yield  # pragma: no cover
-
     def export(self, path: str | Path) -> Path:
-        """Write :meth:`exported_model` as a diffusers-style directory (``load_model(path)`` reads it back)."""
+        """Write the subclass's ``exported_model()`` as a diffusers-style directory (``load_model(path)`` reads it
+        back): ``lit_distill.protocols.Exportable``, with the ``DiffusionModel`` to write (EMA weights swapped in,
+        LoRA merged...) valid inside the ``with`` block. A subclass without ``exported_model`` is not Exportable,
+        and ``ExportCallback`` says so when the run starts."""
         path = Path(path)
         with self.exported_model() as model:
             model.save_pretrained(path)

@@ -19,6 +19,7 @@ Seams for subclasses and users: :meth:`sample_timesteps` (``p(t)`` on ``[t_min, 
 from __future__ import annotations
 
 import json
+from abc import ABCMeta, abstractmethod
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -59,7 +60,7 @@ def trainable_copy(model: DiffusionModel, init: str = "teacher", seed: int = 0) 
     return copy
 
 
-class OneStepModule(DistillModule):
+class OneStepModule(DistillModule, metaclass=ABCMeta):
     """Base of :class:`DisBackStudent` and :class:`NoDistillOneStep`.
 
     Args:
@@ -162,9 +163,9 @@ class OneStepModule(DistillModule):
         auxiliary = self.make_optimizer(self.auxiliary_parameters(), lr=self.optim.aux_lr or self.optim.lr)
         return [generator, auxiliary]
 
+    @abstractmethod
     def auxiliary_parameters(self) -> list[nn.Parameter]:
         """The parameters of the auxiliary network (fake score or classifier), trained by the second optimiser."""
-        raise NotImplementedError(f"{type(self).__name__} does not define auxiliary_parameters()")
 
     def log_updates(self, batch_size: int) -> None:
         self.log("generator_updates", float(self.generator_updates), prog_bar=True, batch_size=batch_size)
