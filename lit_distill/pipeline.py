@@ -157,9 +157,9 @@ def fit_stage(module, prompts: Path, eval_prompts: Path, max_steps: int, out: Pa
     data = PromptDataModule(str(prompts), batch_size=batch_size, val_fraction=0.0, repeat=1000, seed=seed)
     evaluation = reward_evaluation(eval_prompts, out / name / "grids", every_n_steps, samples_per_prompt, eval_at_start,
                                    seed)
-    clock = TrainingClock()
+    clock = TrainingClock()  # listed first: the evaluations run after it stops, outside the timed steps
     start = time.time()
-    trainer(max_steps, out / name, [evaluation, clock, ExportCallback(str(out / name / "model"))],
+    trainer(max_steps, out / name, [clock, evaluation, ExportCallback(str(out / name / "model"))],
             progress=progress).fit(module, data)
     return evaluation.history, time.time() - start, clock.images_per_s
 
